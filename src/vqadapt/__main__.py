@@ -1,0 +1,4 @@
+from vqadapt.cli import main
+
+if __name__ == "__main__":
+    main()

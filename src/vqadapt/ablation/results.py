@@ -1,0 +1,490 @@
+"""Read a study directory into typed results and reduce it to tables.
+
+A study is ``STUDY/study.json`` plus one run directory ("cell") per experiment and seed,
+``STUDY/<experiment>/seed<k>/``, written by the runner. Only cells with status
+``success`` and a readable ``summary.json`` enter the statistics; every other cell is
+listed in ``Study.failed_cells`` with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from vqadapt.ablation import stats
+from vqadapt.errors import VQADataError
+
+
+def _to_float(value: Any) -> float:
+    """``float(value)``, or NaN for a missing or non-numeric value (``null`` in JSON)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class RunResult:
+    """One cell: one experiment trained with one seed."""
+
+    seed: int
+    status: str
+    """``success``, ``failed``, ``running`` or ``missing`` (no cell directory)."""
+    metrics: list[dict] = field(default_factory=list)
+    """One dict per epoch, from ``metrics.jsonl``."""
+    summary: dict | None = None
+    predictions: list[dict] = field(default_factory=list)
+    """One dict per test question, from ``predictions_test.jsonl`` (may be empty)."""
+    error: str | None = None
+    """Why the cell failed or was set aside; ``None`` for a usable cell."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether this cell enters the statistics."""
+        return self.status == "success" and self.summary is not None and self.error is None
+
+    def curve(self, key: str) -> list[float]:
+        """Per-epoch values of ``key`` (NaN where an epoch lacks it)."""
+        return [_to_float(row.get(key)) for row in self.metrics]
+
+    def test_metric(self, key: str) -> float:
+        """``summary.test[key]`` (``em``, ``f1``, ...) or NaN."""
+        test = (self.summary or {}).get("test") or {}
+        return _to_float(test.get(key))
+
+
+@dataclass
+class ExperimentResult:
+    """All seeds of one experiment."""
+
+    name: str
+    description: str = ""
+    overrides: dict = field(default_factory=dict)
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[RunResult]:
+        """The runs that enter the statistics."""
+        return [run for run in self.runs if run.ok]
+
+    def run(self, seed: int) -> RunResult | None:
+        """The usable run for ``seed``, if any."""
+        return next((run for run in self.ok_runs if run.seed == seed), None)
+
+
+@dataclass
+class FailedCell:
+    """A cell left out of the statistics."""
+
+    experiment: str
+    seed: int
+    status: str
+    reason: str
+
+
+@dataclass
+class Study:
+    """A whole ablation study as read from disk."""
+
+    preset: str
+    seeds: list[int]
+    experiments: list[ExperimentResult]
+    synthetic: bool = False
+    notes: str = ""
+    failed_cells: list[FailedCell] = field(default_factory=list)
+    path: Path | None = None
+
+    def experiment(self, name: str) -> ExperimentResult | None:
+        """The experiment called ``name``, if it is part of the study."""
+        return next((exp for exp in self.experiments if exp.name == name), None)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise VQADataError(f"malformed JSON: {err.msg} (line {err.lineno})", file=path) from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise VQADataError(f"malformed JSON: {err.msg}", file=path, row=number) from err
+        if not isinstance(row, dict):
+            raise VQADataError("expected a JSON object", file=path, row=number)
+        rows.append(row)
+    return rows
+
+
+def load_run(cell_dir: Path, seed: int) -> RunResult:
+    """Read one cell; problems make it a failed run with the reason, never an exception."""
+    if not cell_dir.is_dir():
+        return RunResult(seed=seed, status="missing", error="no run directory")
+    status_path = cell_dir / "status.json"
+    if not status_path.exists():
+        return RunResult(seed=seed, status="missing", error="no status.json")
+    try:
+        status = _read_json(status_path)
+        state = str(status.get("status", "failed"))
+        if state != "success":
+            reason = status.get("error") or ("still running" if state == "running" else state)
+            return RunResult(seed=seed, status=state, error=str(reason))
+        summary_path = cell_dir / "summary.json"
+        if not summary_path.exists():
+            return RunResult(seed=seed, status="failed", error="success but no summary.json")
+        summary = _read_json(summary_path)
+        if not isinstance(summary, dict):
+            raise VQADataError("expected a JSON object", file=summary_path)
+        metrics_path = cell_dir / "metrics.jsonl"
+        metrics = _read_jsonl(metrics_path) if metrics_path.exists() else []
+        predictions_path = cell_dir / "predictions_test.jsonl"
+        predictions = _read_jsonl(predictions_path) if predictions_path.exists() else []
+    except (VQADataError, OSError, AttributeError) as err:
+        return RunResult(seed=seed, status="failed", error=str(err))
+    return RunResult(seed, "success", metrics, summary, predictions)
+
+
+def load_study(study_dir: str | Path) -> Study:
+    """Read ``study.json`` and every cell it names (experiments x seeds)."""
+    study_dir = Path(study_dir)
+    manifest_path = study_dir / "study.json"
+    if not manifest_path.exists():
+        raise VQADataError("no study.json: not a study directory", file=manifest_path)
+    manifest = _read_json(manifest_path)
+    seeds = [int(seed) for seed in manifest.get("seeds", [0])]
+    experiments, failed = [], []
+    for number, spec in enumerate(manifest.get("experiments", []), start=1):
+        spec = {"name": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise VQADataError(f"experiment {number} has no name", file=manifest_path)
+        experiment = ExperimentResult(
+            name=spec["name"],
+            description=spec.get("description", ""),
+            overrides=spec.get("overrides") or {},
+        )
+        for seed in seeds:
+            run = load_run(study_dir / experiment.name / f"seed{seed}", seed)
+            experiment.runs.append(run)
+            if not run.ok:
+                failed.append(FailedCell(experiment.name, seed, run.status, run.error or ""))
+        experiments.append(experiment)
+    return Study(
+        preset=str(manifest.get("preset", "unknown")),
+        seeds=seeds,
+        experiments=experiments,
+        synthetic=bool(manifest.get("synthetic", False)),
+        notes=str(manifest.get("notes", "")),
+        failed_cells=failed,
+        path=study_dir,
+    )
+
+
+# ---------------------------------------------------------------- per-run numbers
+
+
+def run_stats(run: RunResult, patience: int = 2) -> dict:
+    """The per-run numbers the tables are built from (NaN or ``None`` where unknown)."""
+    summary = run.summary or {}
+    train, val = run.curve("train_loss"), run.curve("val_loss")
+    have_curves = bool(val) and all(math.isfinite(v) for v in val + train)
+    grad_mean = [
+        math.sqrt(sum(_to_float(v) ** 2 for v in (row.get("grad_norm") or {}).values()))
+        for row in run.metrics
+    ]
+    grad_max = run.curve("grad_norm_max")
+    loss_std = run.curve("train_loss_std")
+    stable = {"loss_std": math.nan, "grad_spike": math.nan}
+    if run.metrics and all(math.isfinite(v) for v in loss_std + grad_max):
+        stable = stats.stability(loss_std, grad_max, grad_mean)
+    return {
+        "best_val_loss": min(val) if have_curves else _to_float(summary.get("best_val_loss")),
+        "best_epoch": stats.convergence_epoch(val) if have_curves else summary.get("best_epoch"),
+        "onset": stats.overfitting_onset(train, val, patience) if have_curves else None,
+        "epochs": len(run.metrics) or summary.get("epochs_run"),
+        "gap": val[-1] - train[-1] if have_curves else math.nan,
+        "em": run.test_metric("em"),
+        "f1": run.test_metric("f1"),
+        "wall_time_s": _to_float(summary.get("wall_time_s")),
+        **stable,
+    }
+
+
+def _params(experiment: ExperimentResult) -> dict:
+    runs = experiment.ok_runs
+    return ((runs[0].summary or {}).get("params") or {}) if runs else {}
+
+
+def _question_correctness(run: RunResult, key: str = "em") -> list[float]:
+    values = [_to_float(p.get(key)) for p in run.predictions]
+    return [v for v in values if math.isfinite(v)]
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _summarise_metric(experiment: ExperimentResult, key: str) -> dict:
+    """Mean, std and CI of a test metric; the CI is over seeds, or over questions for one."""
+    runs = experiment.ok_runs
+    combined = stats.combine_seeds([run.test_metric(key) for run in runs])
+    combined["ci_over"] = "seeds" if combined["n"] > 1 else ""
+    if combined["n"] == 1:
+        per_question = _question_correctness(runs[0], key)
+        combined["ci"] = (math.nan, math.nan)  # one number has no spread to bootstrap
+        if per_question:
+            combined["ci"] = stats.bootstrap_ci(per_question)
+            combined["ci_over"] = "questions"
+    return combined
+
+
+def results_table(study: Study) -> list[dict]:
+    """One row per experiment: parameters, losses, test EM/F1 with CIs, curve statistics.
+
+    Test-metric CIs are 95% percentile bootstrap intervals of the mean over seeds when two
+    or more seeds succeeded (``ci_over = "seeds"``), and over the test questions of the one
+    run otherwise (``ci_over = "questions"``).
+    """
+    rows = []
+    for experiment in study.experiments:
+        per_run = [run_stats(run) for run in experiment.ok_runs]
+        params = _params(experiment)
+        trainable, total = params.get("trainable"), params.get("total")
+        em, f1 = _summarise_metric(experiment, "em"), _summarise_metric(experiment, "f1")
+        val_loss = stats.combine_seeds([r["best_val_loss"] for r in per_run])
+        onsets = [r["onset"] for r in per_run if r["onset"] is not None]
+        rows.append(
+            {
+                "experiment": experiment.name,
+                "description": experiment.description,
+                "n_seeds_ok": len(per_run),
+                "n_seeds": len(experiment.runs),
+                "trainable_params": trainable,
+                "total_params": total,
+                "trainable_pct": 100 * trainable / total if trainable and total else math.nan,
+                "coverage": params.get("coverage", ""),
+                "layers_adapted": " ".join(
+                    str(i) for i in params.get("text_encoder_layers_adapted", [])
+                ),
+                "best_val_loss_mean": val_loss["mean"],
+                "best_val_loss_std": val_loss["std"],
+                "test_em_mean": em["mean"],
+                "test_em_std": em["std"],
+                "test_em_ci_low": em["ci"][0],
+                "test_em_ci_high": em["ci"][1],
+                "test_f1_mean": f1["mean"],
+                "test_f1_std": f1["std"],
+                "test_f1_ci_low": f1["ci"][0],
+                "test_f1_ci_high": f1["ci"][1],
+                "ci_over": em["ci_over"],
+                "best_epoch_mean": _nanmean([r["best_epoch"] for r in per_run]),
+                "overfit_onset_mean": _nanmean(onsets),
+                "overfit_seeds": len(onsets),
+                "loss_std": _nanmean([r["loss_std"] for r in per_run]),
+                "grad_spike": _nanmean([r["grad_spike"] for r in per_run]),
+                "wall_time_s_mean": _nanmean([r["wall_time_s"] for r in per_run]),
+                "epochs_run_mean": _nanmean([r["epochs"] for r in per_run]),
+            }
+        )
+    return rows
+
+
+def per_type_table(study: Study) -> list[dict]:
+    """Test EM per question type and experiment: mean and std over seeds."""
+    rows = []
+    for experiment in study.experiments:
+        by_type: dict[str, list[float]] = {}
+        counts: dict[str, int] = {}
+        for run in experiment.ok_runs:
+            per_type = ((run.summary or {}).get("test") or {}).get("per_type") or {}
+            for qtype, values in per_type.items():
+                by_type.setdefault(qtype, []).append(_to_float(values.get("em")))
+                count = _to_float(values.get("n"))
+                counts[qtype] = int(count) if math.isfinite(count) else 0
+        for qtype, values in sorted(by_type.items()):
+            combined = stats.combine_seeds(values)
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "type": qtype,
+                    "em_mean": combined["mean"],
+                    "em_std": combined["std"],
+                    "n": counts[qtype],
+                }
+            )
+    return rows
+
+
+def layer_grad_profile(experiment: ExperimentResult) -> dict[int, float]:
+    """Mean gradient norm per text-encoder layer (1-based), over epochs and seeds.
+
+    Reads ``grad_norm_layers`` (``text_encoder.0`` .. ``text_encoder.11``, 0-based keys);
+    a layer with nothing trainable reports 0.0 and stays 0.0 here.
+    """
+    values: dict[int, list[float]] = {}
+    for run in experiment.ok_runs:
+        for row in run.metrics:
+            for name, norm in (row.get("grad_norm_layers") or {}).items():
+                index = name.rsplit(".", 1)[-1]
+                if index.isdigit():
+                    values.setdefault(int(index) + 1, []).append(_to_float(norm))
+    return {layer: _nanmean(norms) for layer, norms in sorted(values.items())}
+
+
+def mean_curves(experiment: ExperimentResult, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per-epoch mean and std over seeds of each metric in ``keys``.
+
+    Returns ``{"epoch": ..., key: mean, f"{key}_std": std}``; an epoch only some seeds
+    reached is averaged over those seeds.
+    """
+    runs = [run for run in experiment.ok_runs if run.metrics]
+    epochs = max((len(run.metrics) for run in runs), default=0)
+    curves: dict[str, np.ndarray] = {"epoch": np.arange(1, epochs + 1)}
+    for key in keys:
+        table = np.full((len(runs), epochs), np.nan)
+        for i, run in enumerate(runs):
+            values = run.curve(key)
+            table[i, : len(values)] = values
+        with np.errstate(all="ignore"):
+            counts = np.sum(np.isfinite(table), axis=0)
+            curves[key] = np.where(
+                counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan
+            )
+            centred = np.where(np.isfinite(table), table - curves[key], 0.0)
+            curves[f"{key}_std"] = np.sqrt(np.sum(centred**2, axis=0) / np.maximum(counts, 1))
+    return curves
+
+
+# ---------------------------------------------------------------- significance
+
+
+def paired_comparison(
+    study: Study, name_a: str, name_b: str, metric: str = "em", n_boot: int = 10_000
+) -> dict | None:
+    """Compare two experiments question by question, seeds paired and concatenated.
+
+    For every seed where both experiments succeeded, the test questions both predicted are
+    matched by ``id``; the per-question ``metric`` values of all such seeds are concatenated
+    and passed to ``stats.paired_bootstrap`` and ``stats.mcnemar``. ``None`` when nothing
+    can be paired.
+    """
+    exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
+    if exp_a is None or exp_b is None:
+        return None
+    values_a: list[float] = []
+    values_b: list[float] = []
+    seeds = []
+    for seed in study.seeds:
+        run_a, run_b = exp_a.run(seed), exp_b.run(seed)
+        if run_a is None or run_b is None:
+            continue
+        scores_b = {str(p.get("id")): _to_float(p.get(metric)) for p in run_b.predictions}
+        pairs = [
+            (_to_float(p.get(metric)), scores_b.get(str(p.get("id")), math.nan))
+            for p in run_a.predictions
+        ]
+        pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+        if pairs:
+            seeds.append(seed)
+            values_a += [a for a, _ in pairs]
+            values_b += [b for _, b in pairs]
+    if not values_a:
+        return None
+    boot = stats.paired_bootstrap(values_a, values_b, n_boot=n_boot)
+    result = {
+        "experiment": name_a,
+        "reference": name_b,
+        "metric": metric,
+        "seeds": seeds,
+        "n_questions": len(values_a),
+        "score_a": float(np.mean(values_a)),
+        "score_b": float(np.mean(values_b)),
+        "diff": boot["diff"],
+        "ci_low": boot["ci"][0],
+        "ci_high": boot["ci"][1],
+        "p_bootstrap": boot["p_value"],
+        "mcnemar_b": math.nan,
+        "mcnemar_c": math.nan,
+        "p_mcnemar": math.nan,
+    }
+    if metric == "em":
+        test = stats.mcnemar(values_a, values_b)
+        result.update(mcnemar_b=test["b"], mcnemar_c=test["c"], p_mcnemar=test["p_value"])
+    return result
+
+
+def significance(
+    study: Study, against: tuple[str, ...] = ("baseline", "unfreeze3"), n_boot: int = 10_000
+) -> list[dict]:
+    """Every experiment against each reference in ``against`` that the study ran (test EM)."""
+    rows = []
+    for reference in against:
+        ref = study.experiment(reference)
+        if ref is None or not ref.ok_runs:
+            continue
+        for experiment in study.experiments:
+            if experiment.name == reference:
+                continue
+            row = paired_comparison(study, experiment.name, reference, n_boot=n_boot)
+            if row is None:
+                row = {"experiment": experiment.name, "reference": reference, "n_questions": 0}
+            rows.append(row)
+    return rows
+
+
+def write_results_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write ``rows`` as CSV atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with atomic_write(path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _csv_value(row.get(key)) for key in columns})
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return value
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+        os.chmod(tmp_name, 0o644)  # mkstemp makes files private to the owner
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,204 @@
+"""Statistics for the ablation report: pure functions on numbers, numpy only.
+
+Conventions used throughout:
+
+* epochs are 1-based, as in ``metrics.jsonl``;
+* "correctness" arrays hold one value per test question (EM is 0/1, F1 is in 0..1);
+* when a study has several seeds, the paired tests are run on the per-question
+  correctness of each seed *concatenated* (seed ``k`` of system A is paired with seed
+  ``k`` of system B, question by question); see ``results.paired_comparison``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+ArrayLike = Sequence[float] | np.ndarray
+
+# Largest number of resampled values drawn at once (bounds memory for big test sets).
+_CHUNK_VALUES = 2_000_000
+
+
+def _as_array(values: ArrayLike, name: str = "values") -> np.ndarray:
+    array = np.asarray(values, dtype=float).ravel()
+    if array.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def bootstrap_means(values: ArrayLike, n_boot: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement, same size) of ``values``.
+
+    When the values take few distinct levels (0/1 correctness, paired differences in
+    {-1, 0, 1}) each resample is drawn as a multinomial over the levels, which is the
+    same distribution as resampling indices but needs no ``n_boot x n`` matrix.
+    """
+    array = _as_array(values)
+    rng = np.random.default_rng(seed)
+    n = array.size
+    levels, counts = np.unique(array, return_counts=True)
+    if levels.size <= 64:
+        draws = rng.multinomial(n, counts / n, size=n_boot)
+        return draws @ levels / n
+    means = np.empty(n_boot)
+    rows = max(1, _CHUNK_VALUES // n)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        means[start:stop] = array[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return means
+
+
+def bootstrap_ci(
+    values: ArrayLike, n_boot: int = 10_000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap ``1 - alpha`` confidence interval of the mean.
+
+    A single value gives the degenerate interval ``(v, v)``; no values raise ``ValueError``.
+    """
+    array = _as_array(values)
+    if array.size == 1:
+        return float(array[0]), float(array[0])
+    means = bootstrap_means(array, n_boot=n_boot, seed=seed)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def paired_bootstrap(
+    correct_a: ArrayLike, correct_b: ArrayLike, n_boot: int = 10_000, seed: int = 0
+) -> dict:
+    """Paired bootstrap comparison of two systems scored on the same questions.
+
+    Let ``d_i = a_i - b_i`` and ``D = mean(d)``. The questions are resampled with
+    replacement ``n_boot`` times (pairs stay together), giving bootstrap means ``D*_j``.
+
+    * ``diff`` is ``D``; ``ci`` is the 95% percentile interval of ``D*``.
+    * ``p_value`` is two-sided and uses the "shift" method (Efron & Tibshirani 1993,
+      section 16.4): the bootstrap distribution, re-centred on zero (``D*_j - D``),
+      stands for the null "no difference", and
+      ``p = (1 + #{j : |D*_j - D| >= |D|}) / (n_boot + 1)``.
+      The ``+1`` keeps a Monte Carlo p-value above zero. Identical systems give
+      ``p = 1``; for ``d = [1, 0]`` the resampled means are 0, 0.5, 1 with probability
+      1/4, 1/2, 1/4, so ``p`` is about 1/2.
+    """
+    a = _as_array(correct_a, "correct_a")
+    b = _as_array(correct_b, "correct_b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired arrays differ in length: {a.size} vs {b.size}")
+    differences = a - b
+    observed = float(differences.mean())
+    means = bootstrap_means(differences, n_boot=n_boot, seed=seed)
+    low, high = np.quantile(means, [0.025, 0.975])
+    # The tolerance stops float noise from deciding ties such as |0 - 0.5| >= 0.5.
+    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
+    p_value = (1 + extreme) / (n_boot + 1)
+    return {"diff": observed, "ci": (float(low), float(high)), "p_value": float(p_value)}
+
+
+def mcnemar(correct_a: ArrayLike, correct_b: ArrayLike) -> dict:
+    """Exact two-sided McNemar test on paired right/wrong outcomes.
+
+    Values are read as correct when ``>= 0.5``. ``b`` counts questions A gets right and
+    B gets wrong, ``c`` the reverse; under the null each discordant pair is a fair coin,
+    so ``p = min(1, 2 * P(X <= min(b, c)))`` with ``X ~ Binomial(b + c, 1/2)``
+    (``p = 1`` when there are no discordant pairs).
+    """
+    a = _as_array(correct_a, "correct_a") >= 0.5
+    b_arr = _as_array(correct_b, "correct_b") >= 0.5
+    if a.shape != b_arr.shape:
+        raise ValueError(f"paired arrays differ in length: {a.size} vs {b_arr.size}")
+    b = int(np.count_nonzero(a & ~b_arr))
+    c = int(np.count_nonzero(~a & b_arr))
+    n = b + c
+    if n == 0:
+        return {"b": 0, "c": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return {"b": b, "c": c, "p_value": float(min(1.0, 2 * tail))}
+
+
+def overfitting_onset(
+    train_losses: ArrayLike, val_losses: ArrayLike, patience: int = 2
+) -> int | None:
+    """First epoch after which the model overfits, or ``None``.
+
+    Epoch ``e`` (1-based) is the onset when, for each of the next ``patience`` epochs
+    ``e + 1 .. e + patience``, validation loss rises (strictly, against the epoch before)
+    while training loss falls (strictly). ``e`` is thus the last epoch before the
+    divergence. Runs shorter than ``patience + 1`` epochs never qualify.
+    """
+    train = np.asarray(train_losses, dtype=float)
+    val = np.asarray(val_losses, dtype=float)
+    if train.shape != val.shape:
+        raise ValueError(f"train and val curves differ in length: {train.size} vs {val.size}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    val_rises = np.diff(val) > 0
+    train_falls = np.diff(train) < 0
+    diverging = val_rises & train_falls  # index i: from epoch i+1 to epoch i+2
+    for start in range(diverging.size - patience + 1):
+        if diverging[start : start + patience].all():
+            return start + 1
+    return None
+
+
+def convergence_epoch(val_losses: ArrayLike) -> int:
+    """1-based epoch of the lowest validation loss (the first one on ties)."""
+    return int(np.argmin(_as_array(val_losses, "val_losses"))) + 1
+
+
+def epochs_to_within(values: ArrayLike, frac: float = 0.05, lower_is_better: bool = True) -> int:
+    """First 1-based epoch whose value is within ``frac`` of the total improvement.
+
+    With ``best`` the best value and ``first`` the first one, this is the first epoch
+    ``e`` with ``|v_e - best| <= frac * |first - best|`` (epoch 1 when nothing improves).
+    """
+    array = _as_array(values)
+    best = array.min() if lower_is_better else array.max()
+    span = abs(array[0] - best)
+    within = np.abs(array - best) <= frac * span + 1e-12
+    return int(np.argmax(within)) + 1
+
+
+def stability(
+    train_loss_std_per_epoch: ArrayLike,
+    grad_norm_max_per_epoch: ArrayLike,
+    grad_norm_mean_per_epoch: ArrayLike,
+) -> dict:
+    """Two training-stability numbers (lower is more stable for both).
+
+    * ``loss_std``: the mean over epochs of the within-epoch standard deviation of the
+      step losses;
+    * ``grad_spike``: the mean over epochs of ``max step grad norm / mean grad norm``
+      (1.0 means no step stood out; epochs with a zero mean norm are skipped).
+    """
+    loss_std = _as_array(train_loss_std_per_epoch, "train_loss_std_per_epoch")
+    grad_max = _as_array(grad_norm_max_per_epoch, "grad_norm_max_per_epoch")
+    grad_mean = _as_array(grad_norm_mean_per_epoch, "grad_norm_mean_per_epoch")
+    if grad_max.shape != grad_mean.shape:
+        raise ValueError("grad_norm_max and grad_norm_mean differ in length")
+    positive = grad_mean > 0
+    spike = float(np.mean(grad_max[positive] / grad_mean[positive])) if positive.any() else math.nan
+    return {"loss_std": float(loss_std.mean()), "grad_spike": spike}
+
+
+def combine_seeds(values: ArrayLike, n_boot: int = 10_000, seed: int = 0) -> dict:
+    """Mean, sample std (ddof=1; 0 for one value), count and bootstrap CI over seeds.
+
+    No values give NaNs and ``n = 0``. With two or three seeds the percentile CI can only
+    take a handful of values: read it as a range, not a calibrated interval.
+    """
+    array = np.asarray(values, dtype=float).ravel()
+    array = array[np.isfinite(array)]
+    if array.size == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0, "ci": (math.nan, math.nan)}
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return {
+        "mean": float(array.mean()),
+        "std": std,
+        "n": int(array.size),
+        "ci": bootstrap_ci(array, n_boot=n_boot, seed=seed),
+    }

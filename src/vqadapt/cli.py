@@ -1,0 +1,234 @@
+"""Command line: parses arguments and calls the library (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vqadapt.errors import VQAConfigError, VQADataError
+
+TRAIN_LIKE = ("train", "plan")
+
+
+def _cmd_train(argv: list[str]) -> int:
+    from vqadapt.config import parse_run_config
+    from vqadapt.train import train
+
+    if any(a in ("-h", "--help") for a in argv):
+        from transformers import HfArgumentParser
+
+        from vqadapt.config import CONFIG_CLASSES
+
+        HfArgumentParser(CONFIG_CLASSES, prog="vqadapt train").print_help()
+        return 0
+    summary = train(parse_run_config(argv))
+    return 0 if summary else 1
+
+
+def _cmd_plan(argv: list[str]) -> int:
+    from vqadapt.adapt import format_plan, lora_parameter_count
+    from vqadapt.build import build_model, resolve_backbones
+    from vqadapt.config import parse_run_config
+
+    rank_table = "--rank_table" in argv
+    argv = [a for a in argv if a != "--rank_table"]
+    config = parse_run_config(argv)
+    backbones = resolve_backbones(config, log=lambda m: print(m, file=sys.stderr))
+    _, plan, _, _ = build_model(config, backbones)
+    print(format_plan(plan))
+    if rank_table:
+        fresh_config = parse_run_config([*argv, "--unfreeze_encoder_layers", "0"])
+        fresh_config.adapt.use_text_lora = fresh_config.adapt.use_vision_lora = False
+        base, _, _, _ = build_model(fresh_config, backbones)
+        print("\nexact LoRA parameter counts (q/k/v of every encoder layer)")
+        print(f"{'r':>4}{'text encoder':>16}{'vision encoder':>16}")
+        for r in (4, 8, 16, 32, 64):
+            text = lora_parameter_count(base, "text", config.adapt.text_lora_targets, r)
+            vision = lora_parameter_count(base, "vision", config.adapt.vision_lora_targets, r)
+            print(f"{r:>4}{text:>16,}{vision:>16,}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vqadapt.inference import evaluate_run
+
+    scores = evaluate_run(args.run, args.split, args.num_beams)
+    print(
+        f"{args.split}: EM {100 * scores['em']:.2f}  F1 {100 * scores['f1']:.2f}  "
+        f"F1(set) {100 * scores['f1_set']:.2f}  (n={scores['n']})"
+    )
+    for qtype, row in scores.get("per_type", {}).items():
+        print(f"  {qtype:<10} EM {100 * row['em']:6.2f}  F1 {100 * row['f1']:6.2f}  n={row['n']}")
+    for bucket, row in scores.get("per_frequency", {}).items():
+        print(f"  {bucket:<10} EM {100 * row['em']:6.2f}  F1 {100 * row['f1']:6.2f}  n={row['n']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vqadapt.inference import answer_question, load_run
+    from vqadapt.text import nfc
+
+    run = load_run(args.run)
+    print(answer_question(run, nfc(args.question), args.image, args.num_beams))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from vqadapt.data.synth import generate
+
+        summary = generate(args.out, n=args.n, seed=args.seed)
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
+        return 0
+    from vqadapt.data.formats import load_records
+    from vqadapt.data.images import ImageIndex
+    from vqadapt.data.stats import dataset_stats, format_stats
+
+    index = ImageIndex(args.image_root) if args.image_root else None
+    for path in args.files:
+        records = load_records(path, args.format, args.language)
+        print(f"== {path}")
+        print(format_stats(dataset_stats(records, index)))
+    return 0
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from vqadapt import embedded
+    from vqadapt.tiny import build_tiny_backbones, describe
+
+    if args.out is None:
+        paths = embedded.ensure_tiny_backbones()
+    else:
+        texts, sources = embedded.tiny_backbone_texts()
+        paths = build_tiny_backbones(
+            args.out,
+            texts,
+            text_sources=sources,
+            text_seconds=args.text_seconds,
+            vision_seconds=args.vision_seconds,
+        )
+    for name, path in paths.items():
+        print(f"{name}: {path}\n  {describe(path)}")
+    return 0
+
+
+def _cmd_answer_weights(args: argparse.Namespace) -> int:
+    from vqadapt.data.formats import load_records
+    from vqadapt.weights import compute_answer_weights, save_answer_weights
+
+    answers = [
+        a for path in args.data for r in load_records(path, args.format) for a in r.answers[:1]
+    ]
+    weights = compute_answer_weights(
+        answers, args.scheme, args.beta, tuple(args.clip) if args.clip else None
+    )
+    save_answer_weights(weights, args.out)
+    values = sorted(weights.values())
+    print(
+        f"wrote {args.out}: {len(weights)} answers from {len(answers)} training samples, "
+        f"weights {values[0]:.3g} .. {values[-1]:.3g} (mean over samples 1)"
+    )
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from vqadapt.ablation.runner import run_study
+
+    run_study(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqadapt",
+        description="Train Vietnamese generative VQA models and measure how the encoders are best adapted.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train one model (flags: vqadapt train --help)", add_help=False)
+    sub.add_parser(
+        "plan",
+        help="print what would train, per tower and layer (same flags as train; "
+        "--rank_table adds exact LoRA counts)",
+        add_help=False,
+    )
+
+    ev = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--split", default="test", choices=("val", "test", "train"))
+    ev.add_argument("--num_beams", type=int, default=None)
+
+    pr = sub.add_parser("predict", help="answer one question about one image")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("--question", required=True)
+    pr.add_argument("--image", default=None)
+    pr.add_argument("--num_beams", type=int, default=1)
+
+    data = sub.add_parser("data", help="synthetic data and data set summaries")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="generate the synthetic Vietnamese shapes VQA set")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=10_000)
+    synth.add_argument("--seed", type=int, default=0)
+    stats = data_sub.add_parser("stats", help="counts per type, answers, lengths, images found")
+    stats.add_argument("files", nargs="+")
+    stats.add_argument("--format", default="auto")
+    stats.add_argument("--language", default=None)
+    stats.add_argument("--image_root", default=None)
+
+    bb = sub.add_parser("backbones", help="tiny pretrained backbones")
+    bb_sub = bb.add_subparsers(dest="backbones_command", required=True)
+    tiny = bb_sub.add_parser("tiny", help="build (or show) the tiny DINOv2 + MBart")
+    tiny.add_argument("--out", default=None, help="folder (default: the shared cache, built once)")
+    tiny.add_argument("--text_seconds", type=float, default=90.0)
+    tiny.add_argument("--vision_seconds", type=float, default=45.0)
+
+    aw = sub.add_parser("answer-weights", help="per-answer loss weights (answer_weights.json)")
+    aw.add_argument("--data", nargs="+", required=True, help="training annotation file(s)")
+    aw.add_argument("--format", default="auto")
+    aw.add_argument(
+        "--scheme", default="inverse", choices=("inverse", "sqrt_inverse", "effective_number")
+    )
+    aw.add_argument("--beta", type=float, default=0.999)
+    aw.add_argument("--clip", type=float, nargs=2, metavar=("MIN", "MAX"), default=None)
+    aw.add_argument("--out", default="answer_weights.json")
+
+    ab = sub.add_parser("ablate", help="run the ablation study and write its report")
+    ab.add_argument(
+        "--preset", default="quick", help="a name in experiments/presets or a YAML file"
+    )
+    ab.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds (default: the preset's)"
+    )
+    ab.add_argument("--out", default=None, help="study folder (default: runs/ablation-<preset>)")
+    ab.add_argument("--quick", action="store_true", help="the quick preset on the embedded default")
+    ab.add_argument("--retry_failed", action="store_true", help="rerun cells that failed before")
+    ab.add_argument("--report_only", action="store_true", help="only rebuild the report")
+    ab.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every cell"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "train":
+            code = _cmd_train(argv[1:])
+        elif argv and argv[0] == "plan":
+            code = _cmd_plan(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            handlers = {
+                "eval": _cmd_eval,
+                "predict": _cmd_predict,
+                "data": _cmd_data,
+                "backbones": _cmd_backbones,
+                "answer-weights": _cmd_answer_weights,
+                "ablate": _cmd_ablate,
+            }
+            code = handlers[args.command](args)
+    except (VQAConfigError, VQADataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

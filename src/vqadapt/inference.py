@@ -1,0 +1,119 @@
+"""Rebuild a trained model from its run directory: evaluate a split, answer one question."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vqadapt.build import Backbones, build_data, build_model
+from vqadapt.checkpoint import load_checkpoint
+from vqadapt.config import RunConfig
+from vqadapt.data.records import VQARecord
+from vqadapt.errors import VQAConfigError
+from vqadapt.io import atomic_write_json
+
+
+@dataclass
+class LoadedRun:
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    preprocessing: Any
+    backbones: Backbones
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise VQAConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    if not (run_dir / checkpoint / "trained.safetensors").is_file():
+        raise VQAConfigError(f"{run_dir} has no complete '{checkpoint}' checkpoint")
+    config = RunConfig.load(run_dir / "config.yaml")
+    summary_file = run_dir / "summary.json"
+    import json
+
+    bases = None
+    if summary_file.is_file():
+        bases = json.loads(summary_file.read_text(encoding="utf-8")).get("backbones")
+    if bases is None:
+        from vqadapt.build import resolve_backbones
+
+        backbones = resolve_backbones(config, log=lambda _: None)
+    else:
+        from vqadapt import embedded
+
+        data = (
+            embedded.ensure_synthetic(log=lambda _: None)
+            if config.data.train_file is None
+            else None
+        )
+        backbones = Backbones(bases["vision"], bases["text"], data)
+    model, _, tokenizer, preprocessing = build_model(config, backbones)
+    load_checkpoint(model, run_dir / checkpoint)
+    model.eval()
+    return LoadedRun(config, model, tokenizer, preprocessing, backbones, run_dir)
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", num_beams: int | None = None, log=print
+) -> dict:
+    """Score the best checkpoint on a split; writes ``predictions_<split>.jsonl`` and ``eval_<split>.json``."""
+    from vqadapt.evaluate import AnswerTrie, answer_counts, write_predictions
+    from vqadapt.train import evaluate_split
+
+    run = load_run(run_dir)
+    config = run.config
+    if num_beams is not None:
+        config.train.num_beams = num_beams
+    data = build_data(config, run.model, run.tokenizer, run.preprocessing, run.backbones, log=log)
+    if split not in data.collators or not len(data.encoded[split]):
+        raise VQAConfigError(f"the run has no {split!r} split")
+    trie = None
+    if config.train.constrain_to_train_answers:
+        trie = AnswerTrie(
+            [ids.tolist() for ids in data.encoded["train"].label_ids], run.tokenizer.eos_token_id
+        )
+    result = evaluate_split(
+        run.model, data, split, run.tokenizer, config, answer_counts(data.splits.train), trie
+    )
+    write_predictions(
+        run.run_dir / f"predictions_{split}.jsonl",
+        getattr(data.splits, split),
+        result["predictions"],
+    )
+    scores = {key: value for key, value in result.items() if key != "predictions"}
+    atomic_write_json(run.run_dir / f"eval_{split}.json", scores)
+    return scores
+
+
+@torch.no_grad()
+def answer_question(
+    run: LoadedRun, question: str, image: str | Path | None, num_beams: int = 1
+) -> str:
+    from vqadapt.data.images import ImageIndex
+    from vqadapt.data.pipeline import Collator, FeatureSources, ImageStore, encode_split
+
+    record = VQARecord("0", question, ("",), Path(image).name if image else None)
+    index = ImageIndex(Path(image).parent) if image and run.model.vision is not None else None
+    if run.model.vision is not None and index is None:
+        raise VQAConfigError("this model needs --image")
+    images = ImageStore(index, run.preprocessing)
+    encoded = encode_split([record], run.tokenizer, run.config.data, images.slot)
+    collator = Collator(
+        "predict",
+        encoded,
+        run.tokenizer.pad_token_id,
+        run.model.decoder_start_token_id,
+        images,
+        run.preprocessing,
+        FeatureSources(),
+        run.model.vision is None,
+    )
+    generated = run.model.generate(
+        collator([0]), max_new_tokens=run.config.data.max_answer_tokens, num_beams=num_beams
+    )
+    return run.tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()

@@ -1,0 +1,138 @@
+"""Hand-checkable cases for the ablation statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vqadapt.ablation.stats import (
+    bootstrap_ci,
+    bootstrap_means,
+    combine_seeds,
+    convergence_epoch,
+    epochs_to_within,
+    mcnemar,
+    overfitting_onset,
+    paired_bootstrap,
+    stability,
+)
+
+
+def test_bootstrap_ci_constant_values_is_degenerate() -> None:
+    assert bootstrap_ci([0.7] * 10) == pytest.approx((0.7, 0.7))
+
+
+def test_bootstrap_ci_single_value_and_empty() -> None:
+    assert bootstrap_ci([0.42]) == (0.42, 0.42)
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci([])
+
+
+def test_bootstrap_ci_of_half_correct_matches_normal_approximation() -> None:
+    # 100 questions, 50 right: the mean's standard error is 0.05, so the 95% interval
+    # is about 0.5 +- 1.96 * 0.05 = (0.40, 0.60).
+    low, high = bootstrap_ci([1.0] * 50 + [0.0] * 50)
+    assert low == pytest.approx(0.40, abs=0.015)
+    assert high == pytest.approx(0.60, abs=0.015)
+
+
+def test_bootstrap_means_many_levels_uses_index_resampling() -> None:
+    values = np.linspace(0.0, 1.0, 200)  # 200 distinct levels
+    means = bootstrap_means(values, n_boot=2_000, seed=1)
+    assert means.shape == (2_000,)
+    assert means.mean() == pytest.approx(0.5, abs=0.01)
+    assert means.std() == pytest.approx(values.std() / math.sqrt(200), rel=0.1)
+
+
+def test_paired_bootstrap_identical_systems() -> None:
+    correct = [1, 0, 1, 1, 0, 0, 1, 0] * 5
+    result = paired_bootstrap(correct, correct)
+    assert result["diff"] == 0.0
+    assert result["ci"] == (0.0, 0.0)
+    assert result["p_value"] == 1.0
+
+
+def test_paired_bootstrap_two_questions_by_hand() -> None:
+    # d = [1, 0]: resampled means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4;
+    # |D* - 0.5| >= 0.5 for D* in {0, 1}: p is about 1/2.
+    result = paired_bootstrap([1, 0], [0, 0], n_boot=20_000)
+    assert result["diff"] == 0.5
+    assert result["p_value"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_paired_bootstrap_clearly_better_system() -> None:
+    rng = np.random.default_rng(3)
+    better = (rng.random(200) < 0.8).astype(float)
+    worse = (rng.random(200) < 0.4).astype(float)
+    result = paired_bootstrap(better, worse)
+    assert result["diff"] > 0.25
+    assert result["ci"][0] > 0
+    assert result["p_value"] < 0.01
+
+
+def test_paired_bootstrap_rejects_unpaired_lengths() -> None:
+    with pytest.raises(ValueError, match="length"):
+        paired_bootstrap([1, 0], [1, 0, 1])
+
+
+def test_mcnemar_exact_values() -> None:
+    # b = 0, c = 6: p = 2 * 0.5**6.
+    result = mcnemar([0] * 6 + [1] * 4, [1] * 6 + [1] * 4)
+    assert (result["b"], result["c"]) == (0, 6)
+    assert result["p_value"] == pytest.approx(0.03125)
+    # b = 1, c = 5: p = 2 * (1 + 6) / 64.
+    result = mcnemar([1] + [0] * 5, [0] + [1] * 5)
+    assert result["p_value"] == pytest.approx(14 / 64)
+
+
+def test_mcnemar_balanced_and_concordant() -> None:
+    assert mcnemar([1, 0, 1, 0], [0, 1, 0, 1])["p_value"] == 1.0
+    assert mcnemar([1, 1, 0], [1, 1, 0]) == {"b": 0, "c": 0, "p_value": 1.0}
+
+
+def test_overfitting_onset_on_synthetic_curves() -> None:
+    train = [3.0, 2.5, 2.1, 1.8, 1.6, 1.4, 1.3]
+    val = [3.1, 2.7, 2.4, 2.3, 2.4, 2.6, 2.9]
+    assert overfitting_onset(train, val) == 4
+    assert overfitting_onset(train, val, patience=3) == 4
+    assert overfitting_onset(train, val, patience=4) is None
+
+
+def test_overfitting_onset_needs_train_loss_falling() -> None:
+    # Validation rises but so does training loss: divergence, not overfitting.
+    assert overfitting_onset([3.0, 2.5, 2.6, 2.7], [3.1, 2.7, 2.8, 2.9]) is None
+
+
+def test_overfitting_onset_one_blip_is_not_enough() -> None:
+    train = [3.0, 2.5, 2.1, 1.8, 1.6]
+    val = [3.1, 2.7, 2.8, 2.5, 2.4]
+    assert overfitting_onset(train, val) is None
+
+
+def test_convergence_and_epochs_to_within() -> None:
+    val = [3.0, 2.0, 1.55, 1.5, 1.6]
+    assert convergence_epoch(val) == 4
+    assert convergence_epoch([2.0, 1.0, 1.0]) == 2
+    # total improvement 1.5; within 10% (0.15) of the best from epoch 3 on.
+    assert epochs_to_within(val, frac=0.1) == 3
+    assert epochs_to_within([0.2, 0.5, 0.6], frac=0.0, lower_is_better=False) == 3
+    assert epochs_to_within([1.0, 1.0]) == 1
+
+
+def test_stability_definition() -> None:
+    result = stability([0.2, 0.4], [3.0, 2.0], [1.0, 1.0])
+    assert result == {"loss_std": pytest.approx(0.3), "grad_spike": pytest.approx(2.5)}
+    assert math.isnan(stability([0.1], [0.0], [0.0])["grad_spike"])
+
+
+def test_combine_seeds() -> None:
+    result = combine_seeds([0.5, 0.7])
+    assert result["mean"] == pytest.approx(0.6)
+    assert result["std"] == pytest.approx(math.sqrt(0.02))
+    assert result["n"] == 2
+    assert 0.5 <= result["ci"][0] <= result["ci"][1] <= 0.7
+    single = combine_seeds([0.4])
+    assert (single["std"], single["ci"]) == (0.0, (0.4, 0.4))
+    assert combine_seeds([])["n"] == 0
