@@ -63,14 +63,24 @@ class AdaptationPlan:
         return out
 
 
-def tower_of(model: VQAModel, name: str) -> str:
-    if name.startswith("vision."):
-        return "vision"
-    if name.startswith("projector."):
-        return "projector"
-    if name.startswith(model.text_encoder_prefix):
-        return "text_encoder"
-    return "text_decoder"
+def parameter_towers(model: VQAModel) -> dict[str, str]:
+    """Tower of every parameter, by tensor identity for the text encoder.
+
+    Identity matters: the encoder's input embedding is also reachable as ``text.model.shared``
+    (the name PyTorch reports for it), which a name prefix would file under the decoder.
+    """
+    encoder_ids = {id(p) for p in model.text_encoder.parameters()}
+    towers = {}
+    for name, param in model.named_parameters():
+        if name.startswith("vision."):
+            towers[name] = "vision"
+        elif name.startswith("projector."):
+            towers[name] = "projector"
+        elif id(param) in encoder_ids:
+            towers[name] = "text_encoder"
+        else:
+            towers[name] = "text_decoder"
+    return towers
 
 
 def layer_of(model: VQAModel, name: str) -> tuple[str, int] | None:
@@ -163,8 +173,10 @@ def apply_adaptation(model: VQAModel, adapt: AdaptConfig, blind: bool = False) -
         ]
 
     first_unfrozen = num_text_layers - unfreeze  # 0-based index of the first fully trained layer
+    towers = parameter_towers(model)
+    encoder_embedding = model.text_encoder.get_input_embeddings().weight
     for name, param in model.named_parameters():
-        tower = tower_of(model, name)
+        tower = towers[name]
         is_lora = ".lora_" in name
         if tower in ("projector", "text_decoder") or is_lora:
             train = True
@@ -173,7 +185,8 @@ def apply_adaptation(model: VQAModel, adapt: AdaptConfig, blind: bool = False) -
             if where is not None:
                 train = where[1] - 1 >= first_unfrozen
             else:  # embeddings never train; the final norm trains with the last layers
-                train = unfreeze > 0 and "embed" not in name and "layernorm_embedding" not in name
+                is_embedding = param is encoder_embedding or "embed" in name
+                train = unfreeze > 0 and not is_embedding
         else:
             train = False
         param.requires_grad_(train)
@@ -188,8 +201,9 @@ def count_plan(model: VQAModel, strategy: str) -> AdaptationPlan:
     """Count trainable / total parameters per tower and per encoder layer."""
     per_tower = {tower: {"trainable": 0, "total": 0} for tower in TOWERS}
     rows: dict[tuple[str, int], dict[str, Any]] = {}
+    towers = parameter_towers(model)
     for name, param in model.named_parameters():
-        tower = tower_of(model, name)
+        tower = towers[name]
         n = param.numel()
         per_tower[tower]["total"] += n
         if param.requires_grad:

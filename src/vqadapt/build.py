@@ -77,6 +77,90 @@ def build_model(
     return model, plan, tokenizer, preprocessing
 
 
+def data_files(config: RunConfig, embedded_data: Path | None) -> dict[str, str | None]:
+    """The annotation files and image root a run reads (the embedded set by default)."""
+    d = config.data
+    if d.train_file is None and embedded_data is not None:
+        return {
+            "train": str(embedded_data / "train.csv"),
+            "test": d.test_file or str(embedded_data / "test.csv"),
+            "val": d.val_file,
+            "image_root": d.image_root or str(embedded_data / "images"),
+        }
+    return {
+        "train": d.train_file,
+        "test": d.test_file,
+        "val": d.val_file,
+        "image_root": d.image_root,
+    }
+
+
+def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
+    import os
+
+    out = []
+    for base, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(base, name))
+            out.append(
+                (os.path.relpath(os.path.join(base, name), folder), stat.st_size, stat.st_mtime_ns)
+            )
+    return sorted(out)
+
+
+def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> list[str]:
+    """Check the whole data set before any model loads (every problem at once).
+
+    Raises ``VQADataError`` with the full report when there are errors; returns the image
+    references to skip (``--on_bad_image skip``). A passing check is remembered under the cache
+    folder, keyed by the files' sizes and times, so an unchanged data set is not re-read.
+    """
+    import json
+
+    from vqadapt.data.check import check_dataset
+    from vqadapt.embedded import cache_root
+
+    files = data_files(config, embedded_data)
+    image_root = None if config.model.blind else files["image_root"]
+    stats = {
+        name: (path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns)
+        for name, path in files.items()
+        if path and name != "image_root" and Path(path).is_file()
+    }
+    key = cache_key(
+        files=stats,
+        image_root=image_root,
+        on_bad_image=config.data.on_bad_image,
+        images=_stat_list(Path(image_root)) if image_root and Path(image_root).is_dir() else None,
+        fmt=config.data.data_format,
+        language=config.data.language,
+        weights=config.train.answer_weights,
+    )
+    memo = cache_root() / "checks" / f"{key}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+    report = check_dataset(
+        files["train"],
+        files["test"],
+        files["val"],
+        image_root,
+        config.data.data_format,
+        config.data.language,
+        config.data.on_bad_image,
+        answer_weights=config.train.answer_weights,
+    )
+    if not report.ok:
+        raise VQADataError(
+            "the data check found problems (nothing was trained):\n" + report.format()
+        )
+    if report.warnings:
+        log(report.format(max_per_kind=5))
+    from vqadapt.io import atomic_write_json
+
+    atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    return report.skipped_images
+
+
 @dataclass
 class DataBundle:
     splits: Splits

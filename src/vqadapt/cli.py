@@ -81,6 +81,21 @@ def _cmd_data(args: argparse.Namespace) -> int:
         summary = generate(args.out, n=args.n, seed=args.seed)
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return 0
+    if args.data_command == "check":
+        from vqadapt.data.check import check_dataset
+
+        report = check_dataset(
+            args.train_file,
+            args.test_file,
+            args.val_file,
+            args.image_root,
+            args.format,
+            args.language,
+            args.on_bad_image,
+            answer_weights=args.answer_weights,
+        )
+        print(report.format())
+        return 0 if report.ok else 1
     from vqadapt.data.formats import load_records
     from vqadapt.data.images import ImageIndex
     from vqadapt.data.stats import dataset_stats, format_stats
@@ -101,13 +116,12 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
         paths = embedded.ensure_tiny_backbones()
     else:
         texts, sources = embedded.tiny_backbone_texts()
-        paths = build_tiny_backbones(
-            args.out,
-            texts,
-            text_sources=sources,
-            text_seconds=args.text_seconds,
-            vision_seconds=args.vision_seconds,
-        )
+        steps = {
+            key: value
+            for key, value in (("text_steps", args.text_steps), ("vision_steps", args.vision_steps))
+            if value is not None
+        }
+        paths = build_tiny_backbones(args.out, texts, text_sources=sources, **steps)
     for name, path in paths.items():
         print(f"{name}: {path}\n  {describe(path)}")
     return 0
@@ -176,12 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--language", default=None)
     stats.add_argument("--image_root", default=None)
 
+    check = data_sub.add_parser(
+        "check", help="validate a whole data set; report every problem at once"
+    )
+    check.add_argument("--train_file", required=True)
+    check.add_argument("--test_file", default=None)
+    check.add_argument("--val_file", default=None)
+    check.add_argument("--image_root", default=None)
+    check.add_argument("--format", default="auto")
+    check.add_argument("--language", default=None)
+    check.add_argument("--on_bad_image", default="error", choices=("error", "skip"))
+    check.add_argument("--answer_weights", default=None)
+
     bb = sub.add_parser("backbones", help="tiny pretrained backbones")
     bb_sub = bb.add_subparsers(dest="backbones_command", required=True)
     tiny = bb_sub.add_parser("tiny", help="build (or show) the tiny DINOv2 + MBart")
     tiny.add_argument("--out", default=None, help="folder (default: the shared cache, built once)")
-    tiny.add_argument("--text_seconds", type=float, default=90.0)
-    tiny.add_argument("--vision_seconds", type=float, default=45.0)
+    tiny.add_argument("--text_steps", type=int, default=None, help="denoising steps (default 320)")
+    tiny.add_argument("--vision_steps", type=int, default=None, help="vision steps (default 250)")
 
     aw = sub.add_parser("answer-weights", help="per-answer loss weights (answer_weights.json)")
     aw.add_argument("--data", nargs="+", required=True, help="training annotation file(s)")

@@ -59,6 +59,13 @@ class DataConfig:
     max_answer_tokens: int = field(
         default=16, metadata={"help": "Answers are truncated to this many tokens (reported)."}
     )
+    on_bad_image: str = field(
+        default="error",
+        metadata={
+            "help": "error: stop on a missing/corrupt image; skip: drop its questions "
+            "(counted and listed in the run summary)."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training questions (smoke runs)."}
     )
@@ -265,6 +272,8 @@ class RunConfig:
             problems.append("--resume and --overwrite contradict each other")
         if not 0 < d.val_fraction < 1:
             problems.append(f"--val_fraction must be in (0, 1) (got {d.val_fraction})")
+        if d.on_bad_image not in ("error", "skip"):
+            problems.append(f"--on_bad_image must be error or skip (got {d.on_bad_image!r})")
         if d.data_format not in ("auto", "vivqa_csv", "json", "jsonl"):
             problems.append(
                 f"--data_format must be auto, vivqa_csv, json or jsonl (got {d.data_format!r})"

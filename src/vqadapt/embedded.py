@@ -16,7 +16,7 @@ from vqadapt.data.formats import load_vivqa_csv
 
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
-TINY_VERSION = "v1"
+TINY_VERSION = "v3"
 
 
 def cache_root() -> Path:

@@ -26,7 +26,24 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
+def merge_lora(model) -> int:
+    """Fold every LoRA adapter into its base weight (inference only: W += scale * B A)."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            module.merge()
+            merged += 1
+    return merged
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", merge: bool = True) -> LoadedRun:
+    """Rebuild the model of a run from its config and checkpoint.
+
+    With ``merge`` (the default) LoRA adapters are folded into the weights: the same outputs
+    (checked by a test) without the extra low-rank matmuls.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise VQAConfigError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -54,18 +71,24 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
         backbones = Backbones(bases["vision"], bases["text"], data)
     model, _, tokenizer, preprocessing = build_model(config, backbones)
     load_checkpoint(model, run_dir / checkpoint)
+    if merge:
+        merge_lora(model)
     model.eval()
     return LoadedRun(config, model, tokenizer, preprocessing, backbones, run_dir)
 
 
 def evaluate_run(
-    run_dir: str | Path, split: str = "test", num_beams: int | None = None, log=print
+    run_dir: str | Path,
+    split: str = "test",
+    num_beams: int | None = None,
+    log=print,
+    merge: bool = True,
 ) -> dict:
     """Score the best checkpoint on a split; writes ``predictions_<split>.jsonl`` and ``eval_<split>.json``."""
     from vqadapt.evaluate import AnswerTrie, answer_counts, write_predictions
     from vqadapt.train import evaluate_split
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, merge=merge)
     config = run.config
     if num_beams is not None:
         config.train.num_beams = num_beams

@@ -131,6 +131,8 @@ class VQAModel(nn.Module):
         super().train(mode)
         if self.vision is not None and self.vision_frozen:
             self.vision.eval()
+        if self.text_cache_layers == self.text_layout.num_layers:
+            self.text_encoder.eval()  # all of it, embeddings and final dropout included (T5)
         for layer in list(self.text_encoder_layers())[: self.text_cache_layers]:
             layer.eval()
         return self

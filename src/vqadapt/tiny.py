@@ -31,11 +31,13 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0-4, as in M
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
+TEXT_PRETRAIN_STEPS = 320  # about 90 s on 2 CPU cores
+VISION_PRETRAIN_STEPS = 250  # about 45 s
 TINY_VISION = dict(
     hidden_size=128,
     num_hidden_layers=6,
     num_attention_heads=4,
-    intermediate_size=256,
+    mlp_ratio=2,
     image_size=112,
     patch_size=14,
 )
@@ -52,8 +54,25 @@ TINY_TEXT = dict(
 )
 
 
+def vietnamese_alphabet() -> list[str]:
+    """Every Vietnamese letter (all tones, NFC, both cases), ASCII letters, digits, punctuation."""
+    import string
+    import unicodedata
+
+    vowels = "aăâeêioôơuưy"
+    tones = ["", "\u0300", "\u0301", "\u0309", "\u0303", "\u0323"]  # grave acute hook tilde dot
+    letters = {unicodedata.normalize("NFC", v + t) for v in vowels for t in tones} | {"đ"}
+    letters |= set(string.ascii_lowercase)
+    cased = letters | {c.upper() for c in letters}
+    return sorted(cased | set(string.digits) | set(string.punctuation))
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
-    """A BPE tokenizer (NFC, Metaspace like SentencePiece) wrapped for ``transformers``."""
+    """A BPE tokenizer (NFC, Metaspace like SentencePiece) wrapped for ``transformers``.
+
+    The whole Vietnamese alphabet is in the initial alphabet, so any Vietnamese word
+    round-trips even when the training text never used one of its letters.
+    """
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -70,7 +89,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=2,
+        initial_alphabet=vietnamese_alphabet(),
     )
     tok.train_from_iterator((nfc(t) for t in texts), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -107,8 +129,22 @@ def _mask_spans(ids: list[int], rng: random.Random, mask_id: int) -> list[int]:
     return [ids[0], *out, ids[-1]]
 
 
-def pretrain_text(model, tokenizer, texts: Sequence[str], seconds: float, seed: int = 0) -> dict:
-    """Denoising on training-split text for a fixed wall-clock budget."""
+def _budget_left(steps: int, max_steps: int, started: float, seconds: float | None) -> bool:
+    """A fixed number of steps (deterministic), optionally capped in time (quick tests)."""
+    if steps >= max_steps:
+        return False
+    return seconds is None or time.perf_counter() - started < seconds
+
+
+def pretrain_text(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_steps: int,
+    seed: int = 0,
+    seconds: float | None = None,
+) -> dict:
+    """Denoising on training-split text for ``max_steps`` steps."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     encoded = [tokenizer(t)["input_ids"] for t in texts if t.strip()]
@@ -119,7 +155,7 @@ def pretrain_text(model, tokenizer, texts: Sequence[str], seconds: float, seed: 
     losses: list[float] = []
     steps, started = 0, time.perf_counter()
     batch_size = 64
-    while time.perf_counter() - started < seconds:
+    while _budget_left(steps, max_steps, started, seconds):
         batch = rng.sample(encoded, min(batch_size, len(encoded)))
         sources = [_mask_spans(ids, rng, mask_id) for ids in batch]
         src = _pad([torch.tensor(s) for s in sources], pad)
@@ -145,7 +181,9 @@ def pretrain_text(model, tokenizer, texts: Sequence[str], seconds: float, seed: 
     )
 
 
-def pretrain_vision(model, seconds: float, seed: int, num_scenes: int = 2000) -> dict:
+def pretrain_vision(
+    model, max_steps: int, seed: int, num_scenes: int = 2000, seconds: float | None = None
+) -> dict:
     """Per-patch shape and colour prediction on synthetic scenes (seeds disjoint from the VQA set)."""
     from vqadapt.data.synth import COLOURS, SHAPES, patch_labels, render_scene
 
@@ -173,7 +211,7 @@ def pretrain_vision(model, seconds: float, seed: int, num_scenes: int = 2000) ->
     model.train()
     losses: list[float] = []
     steps, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    while _budget_left(steps, max_steps, started, seconds):
         index = torch.randint(0, len(images), (32,))
         x = (pixels[index].float() / 255.0 - mean) / std
         tokens = model(pixel_values=x).last_hidden_state[:, 1:]  # patch tokens, CLS dropped
@@ -217,12 +255,16 @@ def build_tiny_backbones(
     texts: Sequence[str],
     *,
     seed: int = 0,
-    text_seconds: float = 90.0,
-    vision_seconds: float = 45.0,
+    text_steps: int = TEXT_PRETRAIN_STEPS,
+    vision_steps: int = VISION_PRETRAIN_STEPS,
+    text_seconds: float | None = None,
+    vision_seconds: float | None = None,
     text_sources: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Build, pretrain and save the tiny vision and text backbones into ``out_dir``.
 
+    Pretraining runs a fixed number of steps, so a build is deterministic for a seed (on the
+    same machine and torch build); ``*_seconds`` optionally caps it in time (tests use that).
     ``texts`` must come from training splits only (never a test split). The folder appears
     complete or not at all (built in a temporary sibling, then renamed).
     """
@@ -245,7 +287,7 @@ def build_tiny_backbones(
         **TINY_TEXT,
     )
     text_model = MBartForConditionalGeneration(text_config)
-    text_record = pretrain_text(text_model, tokenizer, texts, text_seconds, seed=seed)
+    text_record = pretrain_text(text_model, tokenizer, texts, text_steps, seed, text_seconds)
     text_dir = tmp / "text"
     text_model.save_pretrained(text_dir)
     tokenizer.save_pretrained(text_dir)
@@ -262,7 +304,9 @@ def build_tiny_backbones(
     )
 
     vision_model = Dinov2Model(Dinov2Config(**TINY_VISION))
-    vision_record = pretrain_vision(vision_model, vision_seconds, seed=10_000 + seed)
+    vision_record = pretrain_vision(
+        vision_model, vision_steps, 10_000 + seed, seconds=vision_seconds
+    )
     vision_dir = tmp / "vision"
     vision_model.save_pretrained(vision_dir)
     atomic_write_json(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import vqadapt
-from vqadapt.adapt import format_plan, layer_of, tower_of
+from vqadapt.adapt import format_plan, layer_of, parameter_towers
 from vqadapt.build import build_data, build_model, resolve_backbones
 from vqadapt.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from vqadapt.config import RunConfig
@@ -121,12 +121,13 @@ class GradientMeter:
 
     def __init__(self, model) -> None:
         self.entries = []
+        towers = parameter_towers(model)
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             where = layer_of(model, name)
             layer = f"text_encoder.{where[1] - 1}" if where and where[0] == "text_encoder" else None
-            self.entries.append((param, tower_of(model, name), layer))
+            self.entries.append((param, towers[name], layer))
         self.layers = [f"text_encoder.{i}" for i in range(model.text_layout.num_layers)]
         self.reset()
 
@@ -185,24 +186,24 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
 
     ``stop_after_epoch`` ends the loop early as an interruption would (for tests).
     """
+    owned: list[Path] = []  # holds the run directory once this call has claimed it
     try:
-        return _train(config, log, stop_after_epoch)
+        return _train(config, log, stop_after_epoch, owned)
     except Exception as err:
-        status_file = Path(config.train.output_dir) / "status.json"
-        if status_file.exists() and read_json(status_file).get("status") == "running":
-            atomic_write_json(
-                status_file,
-                {
-                    **read_json(status_file),
-                    "status": "failed",
-                    "error": f"{type(err).__name__}: {err}",
-                    "finished": now(),
-                },
-            )
+        if owned:
+            status_file = owned[0] / "status.json"
+            failed = {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "finished": now(),
+            }
+            atomic_write_json(status_file, {**read_json(status_file), **failed})
         raise
 
 
-def _train(config: RunConfig, log, stop_after_epoch: int | None) -> dict[str, Any]:
+def _train(
+    config: RunConfig, log, stop_after_epoch: int | None, owned: list[Path]
+) -> dict[str, Any]:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -222,8 +223,14 @@ def _train(config: RunConfig, log, stop_after_epoch: int | None) -> dict[str, An
             out / "status.json",
             {"status": "running", "error": None, "started": now(), "finished": None},
         )
+        owned.append(out)
 
     # -- setup ---------------------------------------------------------------------------
+    from vqadapt import embedded
+    from vqadapt.build import validate_data
+
+    embedded_data = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
+    skip_images = validate_data(config, embedded_data, log)
     backbones = resolve_backbones(config, log)
     model, plan, tokenizer, preprocessing = build_model(config, backbones)
     log(format_plan(plan, per_layer=False))
@@ -232,7 +239,7 @@ def _train(config: RunConfig, log, stop_after_epoch: int | None) -> dict[str, An
     answer_weight, weights_report = None, None
     from vqadapt.data.pipeline import load_splits
 
-    splits = load_splits(config.data, backbones.embedded_data)
+    splits = load_splits(config.data, backbones.embedded_data, skip_images)
     if config.train.answer_weights:
         table, weights_report = load_answer_weights(
             config.train.answer_weights, [r.answer for r in splits.train]
@@ -253,7 +260,7 @@ def _train(config: RunConfig, log, stop_after_epoch: int | None) -> dict[str, An
         )
 
     t = config.train
-    vision_lr = t.vision_lr if t.vision_lr is not None else t.lr
+    vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, vision_lr, t.weight_decay))
     n_train = len(data.encoded["train"])
     steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
@@ -416,6 +423,7 @@ def _train(config: RunConfig, log, stop_after_epoch: int | None) -> dict[str, An
         "data": {name: len(getattr(data.splits, name)) for name in ("train", "val", "test")}
         | {"sources": data.splits.sources},
         "answer_weights": weights_report,
+        "skipped_bad_images": {"images": skip_images, "questions": data.splits.skipped},
         "backbones": _bases(backbones),
         "code_version": code_version(),
         "finished": now(),

@@ -256,6 +256,8 @@ def load_vqa_json(path: str | Path, language: str | None = None) -> list[VQAReco
         raise VQADataError(
             f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", file=path
         ) from None
+    except (ValueError, RecursionError) as err:  # integers over 4300 digits, deep nesting
+        raise VQADataError(f"cannot parse JSON: {err}", file=path) from None
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise VQADataError(
@@ -269,7 +271,8 @@ def load_vqa_json(path: str | Path, language: str | None = None) -> list[VQAReco
         items = [(str(i), i, ann) for i, ann in enumerate(annotations)]
     elif isinstance(annotations, dict):
         items = [
-            (str(k), int(k) if str(k).isdigit() else str(k), a) for k, a in annotations.items()
+            (str(k), int(k) if str(k).isascii() and str(k).isdigit() else str(k), a)
+            for k, a in annotations.items()
         ]
     else:
         raise VQADataError(
@@ -350,6 +353,8 @@ def load_jsonl(path: str | Path) -> list[VQARecord]:
             raise VQADataError(
                 f"not valid JSON: {err.msg} at column {err.colno}", file=path, row=line_number
             ) from None
+        except (ValueError, RecursionError) as err:  # integers over 4300 digits, deep nesting
+            raise VQADataError(f"cannot parse JSON: {err}", file=path, row=line_number) from None
         if not isinstance(obj, dict):
             raise VQADataError(
                 f"each line must be a JSON object, found {type(obj).__name__}",

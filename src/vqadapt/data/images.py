@@ -27,6 +27,11 @@ ID_PATTERNS = (
 )
 """File names tried, in order, for a numeric image id."""
 
+ESCAPES_ROOT = "reference escapes the image root"
+SYMLINK_OUTSIDE = "symlink points outside the image root"
+REFUSED_REASONS = (ESCAPES_ROOT, SYMLINK_OUTSIDE)
+"""Reasons :meth:`ImageIndex.lookup` gives for references it refuses (never opened)."""
+
 
 class ImageIndex:
     """All files under ``root``, scanned once, looked up by relative path or file name.
@@ -88,14 +93,18 @@ class ImageIndex:
             return None, f"no image file for id {ref} (tried {names})"
         posix = PurePosixPath(ref)
         if posix.is_absolute() or ".." in posix.parts or (len(ref) > 1 and ref[1] == ":"):
-            return None, "reference escapes the image root"
+            return None, ESCAPES_ROOT
         relpath = str(posix)
         if relpath in self._outside or (len(posix.parts) == 1 and posix.name in self._outside):
-            return None, "symlink points outside the image root"
+            return None, SYMLINK_OUTSIDE
         path = self._by_relpath.get(relpath)
         if path is None and len(posix.parts) == 1:
             path = self._by_name.get(relpath)
         return path, "" if path is not None else "image file not found"
+
+    def lookup(self, ref: str) -> tuple[Path | None, str]:
+        """(path, "") for an image found, else (None, the reason: missing or refused)."""
+        return self._lookup(ref)
 
     def resolve(self, ref: str) -> Path | None:
         """Path of the image ``ref`` names, or None when missing or outside the root."""

@@ -28,10 +28,17 @@ class Splits:
     test: list[VQARecord]
     image_root: Path | None
     sources: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
-def load_splits(data: DataConfig, embedded_data: Path | None = None) -> Splits:
-    """Read train / val / test as the settings say (the embedded synthetic set by default)."""
+def load_splits(
+    data: DataConfig, embedded_data: Path | None = None, skip_images: Sequence[str] = ()
+) -> Splits:
+    """Read train / val / test as the settings say (the embedded synthetic set by default).
+
+    Questions about an image in ``skip_images`` (bad images, ``--on_bad_image skip``) are
+    dropped; how many is in ``Splits.skipped``.
+    """
     train_file, test_file, image_root = data.train_file, data.test_file, data.image_root
     if train_file is None:
         if embedded_data is None:
@@ -46,6 +53,12 @@ def load_splits(data: DataConfig, embedded_data: Path | None = None) -> Splits:
     else:
         train, val = split_by_image(train, data.val_fraction, seed=VAL_SPLIT_SEED)
     test = load_records(test_file, fmt, language) if test_file else []
+    skipped = {}
+    if skip_images:
+        bad = set(skip_images)
+        for name, records in (("train", train), ("val", val), ("test", test)):
+            skipped[name] = sum(r.image in bad for r in records)
+        train, val, test = ([r for r in rs if r.image not in bad] for rs in (train, val, test))
     if data.max_train_samples:
         train = train[: data.max_train_samples]
     if data.max_eval_samples:
@@ -55,7 +68,7 @@ def load_splits(data: DataConfig, embedded_data: Path | None = None) -> Splits:
         "test": str(test_file),
         "val": data.val_file or "carved from train",
     }
-    return Splits(train, val, test, Path(image_root) if image_root else None, sources)
+    return Splits(train, val, test, Path(image_root) if image_root else None, sources, skipped)
 
 
 @dataclass

@@ -1,0 +1,230 @@
+"""Training and evaluation speed per strategy, frozen-prefix caching on vs off, in one run.
+
+    python bench/train_speed.py [--steps 30] [--ablation] [--out bench/results/train_speed.json]
+
+Each (strategy, cache) pair runs in its own process so that its peak memory (max RSS) is its
+own. Printed and written as JSON: training samples/s with and without the cache and their ratio,
+the one-off cost of building the cache, evaluation samples/s, peak memory, achieved FLOP/s of a
+training step against this machine's fp32 matmul peak (measured in the same run). ``--ablation``
+also times the whole quick ablation with and without caching (about 20 minutes more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STRATEGIES = {
+    "baseline": [],
+    "unfreeze3": ["--unfreeze_encoder_layers", "3"],
+    "lora_r8": ["--use_text_lora", "--text_lora_r", "8"],
+    "lora_r16": ["--use_text_lora", "--text_lora_r", "16"],
+    "lora_r32": ["--use_text_lora", "--text_lora_r", "32"],
+    "vision_text_lora": ["--use_vision_lora", "--use_text_lora", "--text_lora_r", "16"],
+}
+TARGETS = {
+    "baseline": 5.0,
+    "unfreeze3": 2.5,
+    "lora_r8": 1.5,
+    "lora_r16": 1.5,
+    "lora_r32": 1.5,
+    "vision_text_lora": 1.0,
+}
+
+
+def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+    """fp32 FLOP/s of a square matmul with this process's torch threads."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def measure(strategy: str, cache: bool, steps: int, batch_size: int) -> dict:
+    """One (strategy, cache) measurement; runs inside a child process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vqadapt.build import build_data, build_model, resolve_backbones
+    from vqadapt.config import parse_run_config
+    from vqadapt.evaluate import mean_loss, token_losses, weighted_loss
+    from vqadapt.train import epoch_batches, param_groups
+
+    argv = [
+        *STRATEGIES[strategy],
+        "--batch_size",
+        str(batch_size),
+        "--max_train_samples",
+        "4000",
+        "--max_eval_samples",
+        "800",
+        "--output_dir",
+        tempfile.mkdtemp(),
+    ]
+    if not cache:
+        argv.append("--no_cache")
+    config = parse_run_config(argv)
+    quiet = lambda _: None  # noqa: E731
+    backbones = resolve_backbones(config, quiet)
+    model, plan, tokenizer, preprocessing = build_model(config, backbones)
+    # With the cache on, this includes building it (or reading it when a run made it before).
+    started = time.perf_counter()
+    data = build_data(config, model, tokenizer, preprocessing, backbones, log=quiet)
+    setup_seconds = time.perf_counter() - started
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 1e-3, 0.01))
+    collate = data.collators["train"]
+    batches = epoch_batches(len(data.encoded["train"]), batch_size, 0, 1)
+
+    def step(indices):
+        batch = collate(indices)
+        loss = weighted_loss(token_losses(model(batch), batch["labels"]), batch["weights"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for indices in batches[:3]:
+        step(indices)
+    with FlopCounterMode(display=False) as counter:
+        step(batches[3])
+    flops_per_step = counter.get_total_flops()
+    started = time.perf_counter()
+    for indices in batches[4 : 4 + steps]:
+        step(indices)
+    train_seconds = time.perf_counter() - started
+    eval_n = min(800, len(data.encoded["val"]))
+    started = time.perf_counter()
+    mean_loss(model, data.collators["val"], eval_n, 128)
+    eval_seconds = time.perf_counter() - started
+    optimizer_state = sum(
+        t.numel()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.ndim
+    )
+    return {
+        "strategy": strategy,
+        "cache": cache,
+        "train_samples_per_s": steps * batch_size / train_seconds,
+        "eval_samples_per_s": eval_n / eval_seconds,
+        "achieved_flops_per_s": flops_per_step * steps / train_seconds,
+        "flops_per_step": flops_per_step,
+        "setup_seconds": setup_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": plan.trainable,
+        "optimizer_state_numel": optimizer_state,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def child(args) -> None:
+    result = measure(args.strategy, args.cache == "on", args.steps, args.batch_size)
+    print("RESULT " + json.dumps(result))
+
+
+def time_ablation(cache: bool) -> float:
+    out = tempfile.mkdtemp(prefix="bench-ablation-")
+    command = [sys.executable, "-m", "vqadapt", "ablate", "--quick", "--out", out]
+    if not cache:
+        command += ["--set", "cache=false"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--ablation", action="store_true", help="also time the quick ablation twice"
+    )
+    parser.add_argument("--out", default="bench/results/train_speed.json")
+    parser.add_argument("--strategy", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.strategy:
+        child(args)
+        return
+
+    from vqadapt import embedded
+
+    embedded.ensure_synthetic()
+    embedded.ensure_tiny_backbones()
+    peak = matmul_peak()
+    rows = []
+    for strategy in STRATEGIES:
+        for cache in ("on", "off"):
+            command = [
+                sys.executable,
+                __file__,
+                "--strategy",
+                strategy,
+                "--cache",
+                cache,
+                "--steps",
+                str(args.steps),
+                "--batch_size",
+                str(args.batch_size),
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+            rows.append(json.loads(line[len("RESULT ") :]))
+            print(f"  measured {strategy} cache={cache}", flush=True)
+    table = []
+    print(f"\nmatmul peak (fp32, {rows[0]['torch_threads']} threads): {peak / 1e9:.0f} GFLOP/s\n")
+    header = (
+        f"{'strategy':<18}{'cached/s':>10}{'plain/s':>10}{'speed-up':>10}{'target':>8}"
+        f"{'eval/s':>9}{'peak MB':>9}{'% peak':>8}"
+    )
+    print(header)
+    for strategy in STRATEGIES:
+        on = next(r for r in rows if r["strategy"] == strategy and r["cache"])
+        off = next(r for r in rows if r["strategy"] == strategy and not r["cache"])
+        ratio = on["train_samples_per_s"] / off["train_samples_per_s"]
+        table.append(
+            {
+                "strategy": strategy,
+                "cached": on,
+                "uncached": off,
+                "speedup": ratio,
+                "target": TARGETS[strategy],
+                "meets_target": ratio >= TARGETS[strategy],
+            }
+        )
+        print(
+            f"{strategy:<18}{on['train_samples_per_s']:>10.0f}{off['train_samples_per_s']:>10.0f}"
+            f"{ratio:>9.2f}x{TARGETS[strategy]:>7.1f}x{on['eval_samples_per_s']:>9.0f}"
+            f"{on['peak_rss_mb']:>9.0f}{100 * off['achieved_flops_per_s'] / peak:>7.1f}%"
+        )
+    result = {"machine": {"cpus": os.cpu_count(), "matmul_peak_flops": peak}, "strategies": table}
+    if args.ablation:
+        cached, plain = time_ablation(True), time_ablation(False)
+        result["quick_ablation"] = {
+            "cached_s": cached,
+            "uncached_s": plain,
+            "speedup": plain / cached,
+        }
+        print(
+            f"\nquick ablation: {cached:.0f} s cached, {plain:.0f} s uncached: {plain / cached:.2f}x"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
