@@ -81,6 +81,24 @@ def save_checkpoint(
     return folder
 
 
+def recover_checkpoint(folder: str | Path) -> Path:
+    """Repair what a kill during ``save_checkpoint`` can leave, and return ``folder``.
+
+    A kill between its two renames leaves no ``folder`` but a complete ``.NAME.old-*`` beside
+    it: that one is put back. Half-written ``.NAME.writing-*`` folders are removed.
+    """
+    folder = Path(folder)
+    for partial in folder.parent.glob(f".{folder.name}.writing-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+    if not folder.exists() and olds:
+        olds[-1].rename(folder)
+        olds = olds[:-1]
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
     """Load trained weights into a model built (and adapted) with the same settings."""
     from peft import set_peft_model_state_dict

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vqadapt.errors import VQAConfigError, VQADataError
+from vqadapt.errors import VQAConfigError, VQADataError, VQATrainingError
 
 TRAIN_LIKE = ("train", "plan")
 
@@ -257,4 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     except (VQAConfigError, VQADataError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
+    except VQATrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 3
     sys.exit(code)

@@ -191,6 +191,13 @@ class TrainConfig:
             "prefix). --no_cache turns it off."
         },
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A non-finite loss or gradient: stop (last good checkpoint kept) or "
+            "skip the step (counted per epoch)."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir."})
     overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing run in output_dir."}
@@ -266,6 +273,8 @@ class RunConfig:
             problems.append(f"--warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
         if t.num_beams <= 0:
             problems.append("--num_beams must be > 0")
+        if t.on_nonfinite not in ("stop", "skip"):
+            problems.append(f"--on_nonfinite must be stop or skip (got {t.on_nonfinite!r})")
         if t.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append("--mixed_precision must be no, fp16 or bf16")
         if t.resume and t.overwrite:

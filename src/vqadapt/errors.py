@@ -35,3 +35,7 @@ class VQADataError(ValueError):
 
 class VQAConfigError(ValueError):
     """Contradictory or impossible settings, raised before any model loads."""
+
+
+class VQATrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or gradients); the last good checkpoint is intact."""

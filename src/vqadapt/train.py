@@ -31,9 +31,14 @@ import torch
 import vqadapt
 from vqadapt.adapt import format_plan, layer_of, parameter_towers
 from vqadapt.build import build_data, build_model, resolve_backbones
-from vqadapt.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from vqadapt.checkpoint import (
+    load_checkpoint,
+    load_training_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from vqadapt.config import RunConfig
-from vqadapt.errors import VQAConfigError
+from vqadapt.errors import VQAConfigError, VQATrainingError
 from vqadapt.evaluate import (
     AnswerTrie,
     answer_counts,
@@ -275,6 +280,9 @@ def _train(
     raw_model = accelerator.unwrap_model(model)
 
     loop = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "step": 0}
+    if resuming:
+        recover_checkpoint(out / "last")
+        recover_checkpoint(out / "best")
     if resuming and (out / "last" / "training_state.pt").exists():
         load_checkpoint(raw_model, out / "last")
         state = load_training_state(out / "last")
@@ -305,6 +313,7 @@ def _train(
         model.train()
         meter.reset()
         step_losses: list[float] = []
+        skipped_steps, nonfinite = 0, False
         batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
         progress = _progress(batches, f"epoch {epoch}/{t.epochs}", t.progress and main)
         for micro, indices in enumerate(progress):
@@ -315,11 +324,28 @@ def _train(
                 token_losses(logits, batch["labels"], t.label_smoothing), batch["weights"]
             )
             accelerator.backward(loss / t.gradient_accumulation_steps)
-            step_losses.append(loss.item())
+            loss_value = loss.item()
+            nonfinite = nonfinite or not math.isfinite(loss_value)
+            if math.isfinite(loss_value):
+                step_losses.append(loss_value)
             last_micro = micro == len(batches) - 1
             if (micro + 1) % t.gradient_accumulation_steps and not last_micro:
                 continue
             grad_norm = meter.measure()
+            if nonfinite or not math.isfinite(grad_norm):
+                where = f"epoch {epoch}, step {loop['step'] + 1}"
+                if t.on_nonfinite == "stop":
+                    raise VQATrainingError(
+                        f"non-finite loss or gradients at {where}: training stopped. The last "
+                        f"good checkpoint is {out / 'last'} (after epoch {loop['epoch']}); lower "
+                        "--lr, or pass --on_nonfinite skip to skip such steps"
+                    )
+                log(f"warning: non-finite loss or gradients at {where}: step skipped")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                skipped_steps += 1
+                nonfinite = False
+                continue
             if t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
@@ -337,14 +363,15 @@ def _train(
         val = evaluate_split(raw_model, data, "val", tokenizer, config, train_counts, trie)
         record = {
             "epoch": epoch,
-            "train_loss": float(np.mean(step_losses)),
-            "train_loss_std": float(np.std(step_losses)),
+            "train_loss": float(np.mean(step_losses)) if step_losses else float("nan"),
+            "train_loss_std": float(np.std(step_losses)) if step_losses else float("nan"),
             "val_loss": val["loss"],
             "val_em": val["em"],
             "val_f1": val["f1"],
             "val_f1_set": val["f1_set"],
             "lr": scheduler.get_last_lr()[0],
             **meter.epoch_record(),
+            "skipped_steps": skipped_steps,
             "seconds": time.perf_counter() - epoch_start,
             "samples_per_s": n_train / (time.perf_counter() - epoch_start),
         }
@@ -372,10 +399,12 @@ def _train(
                 "rng": rng_state(),
                 "loop": dict(loop),
             }
+            # The metrics line goes first: a kill between the two leaves a line that resume
+            # drops (it trims metrics.jsonl to the checkpoint's epoch) and recomputes.
+            append_jsonl(out / "metrics.jsonl", record)
             save_checkpoint(
                 raw_model, out / "last", training_state=state, base_models=_bases(backbones)
             )
-            append_jsonl(out / "metrics.jsonl", record)
             for key in ("val_loss", "val_em", "val_f1"):
                 writer.add_scalar(f"val/{key[4:]}", record[key], epoch)
             writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)

@@ -168,6 +168,20 @@ def ensure_answer_weights(preset: Preset, out: Path, extra: dict[str, Any], log)
     return path
 
 
+def prepare_embedded(preset: Preset, extra: dict[str, Any], log) -> None:
+    """Build the embedded data and tiny backbones once, up front, so that no cell's wall time
+    includes them."""
+    from vqadapt import embedded
+
+    config = RunConfig.from_dict({**preset.defaults, **preset.base, **extra})
+    if config.data.train_file is None:
+        embedded.ensure_synthetic(log=log)
+    if config.model.text_model is None or (
+        config.model.vision_model is None and not config.model.blind
+    ):
+        embedded.ensure_tiny_backbones(log=log)
+
+
 def run_cell(config: RunConfig, cell: Path, resume: bool, log) -> str:
     """Train one cell in its own process; returns its final status."""
     cell.mkdir(parents=True, exist_ok=True)
@@ -226,6 +240,7 @@ def run_study(args) -> Path:
     atomic_write_json(previous, study)
     started = time.perf_counter()
     if not args.report_only:
+        prepare_embedded(preset, extra, log)
         weights = ensure_answer_weights(preset, out, extra, log)
         if weights is not None:
             extra = {**extra, "answer_weights": str(weights)}
