@@ -48,6 +48,7 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(vqa_env
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as this process (conftest): same sums
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

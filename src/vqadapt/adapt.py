@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from vqadapt.backbones import resolve_targets
+from vqadapt.backbones import TowerLayout, get_submodule, resolve_targets
 from vqadapt.config import AdaptConfig
 from vqadapt.errors import VQAConfigError
 from vqadapt.model import VQAModel
@@ -96,22 +96,19 @@ def layer_of(model: VQAModel, name: str) -> tuple[str, int] | None:
 
 
 def _inject_lora(
-    tower: nn.Module,
-    layers_path: str,
-    targets: tuple[str, ...],
-    r: int,
-    alpha: float,
-    dropout: float,
-    adapter_name: str,
-) -> list[str]:
+    tower: nn.Module, layout: TowerLayout, requested: str, r: int, alpha: float, dropout: float
+) -> None:
+    """peft LoRA on the chosen projections of every encoder layer of one tower (adapter
+    "default", kept in ``tower.peft_config`` for saving in peft's own format)."""
     from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
 
-    pattern = rf"{re.escape(layers_path)}\.\d+\.(.*\.)?({'|'.join(map(re.escape, targets))})"
+    layers = get_submodule(tower, layout.layers_path)
+    targets = resolve_targets(requested, layout, layers[0])
+    names = "|".join(map(re.escape, targets))
+    pattern = rf"{re.escape(layout.layers_path)}\.\d+\.(.*\.)?({names})"
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
-    inject_adapter_in_model(config, tower, adapter_name=adapter_name)
-    tower.peft_config = {adapter_name: config}  # kept for saving in peft's own format
-    return [name for name, module in tower.named_modules() if isinstance(module, LoraLayer)]
+    inject_adapter_in_model(config, tower, adapter_name="default")
+    tower.peft_config = {"default": config}
 
 
 def describe_strategy(adapt: AdaptConfig, blind: bool) -> str:
@@ -138,39 +135,26 @@ def apply_adaptation(model: VQAModel, adapt: AdaptConfig, blind: bool = False) -
             f"--unfreeze_encoder_layers {unfreeze} is out of range: the text encoder has "
             f"{num_text_layers} layers"
         )
-    lora_modules: dict[str, list[str]] = {"text": [], "vision": []}
     if adapt.use_text_lora:
-        layers = model.text_encoder_layers()
-        targets = resolve_targets(adapt.text_lora_targets, model.text_layout, layers[0])
-        lora_modules["text"] = [
-            f"text.{name}"
-            for name in _inject_lora(
-                model.text,
-                model.text_layout.layers_path,
-                targets,
-                adapt.text_lora_r,
-                adapt.text_lora_alpha,
-                adapt.text_lora_dropout,
-                "default",
-            )
-        ]
+        _inject_lora(
+            model.text,
+            model.text_layout,
+            adapt.text_lora_targets,
+            adapt.text_lora_r,
+            adapt.text_lora_alpha,
+            adapt.text_lora_dropout,
+        )
     if adapt.use_vision_lora:
         if model.vision is None:
             raise VQAConfigError("--use_vision_lora needs a vision tower, but the model is blind")
-        layers = model.vision_layers()
-        targets = resolve_targets(adapt.vision_lora_targets, model.vision_layout, layers[0])
-        lora_modules["vision"] = [
-            f"vision.{name}"
-            for name in _inject_lora(
-                model.vision,
-                model.vision_layout.layers_path,
-                targets,
-                adapt.vision_lora_r,
-                adapt.vision_lora_alpha,
-                adapt.vision_lora_dropout,
-                "default",
-            )
-        ]
+        _inject_lora(
+            model.vision,
+            model.vision_layout,
+            adapt.vision_lora_targets,
+            adapt.vision_lora_r,
+            adapt.vision_lora_alpha,
+            adapt.vision_lora_dropout,
+        )
 
     first_unfrozen = num_text_layers - unfreeze  # 0-based index of the first fully trained layer
     towers = parameter_towers(model)

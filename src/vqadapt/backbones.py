@@ -30,12 +30,6 @@ TEXT_ENCODER_LAYERS = {
     "t5": "encoder.block",
     "mt5": "encoder.block",
 }
-TEXT_ENCODER_ROOT = {
-    "mbart": "model.encoder",
-    "bart": "model.encoder",
-    "t5": "encoder",
-    "mt5": "encoder",
-}
 VISION_ENCODER_LAYERS = {
     "dinov2": "encoder.layer",
     "dinov2_with_registers": "encoder.layer",
@@ -78,26 +72,22 @@ def find_projections(layer: nn.Module) -> tuple[str, ...]:
     )
 
 
-def text_layout(model: nn.Module) -> TowerLayout:
+def _layout(model: nn.Module, table: dict[str, str], what: str) -> TowerLayout:
     family = model.config.model_type
-    if family not in TEXT_ENCODER_LAYERS:
+    if family not in table:
         raise VQAConfigError(
-            f"text model family {family!r} is not supported; use one of {sorted(TEXT_ENCODER_LAYERS)}"
+            f"{what} model family {family!r} is not supported; use one of {sorted(table)}"
         )
-    path = TEXT_ENCODER_LAYERS[family]
-    layers = get_submodule(model, path)
-    return TowerLayout(family, path, len(layers), find_projections(layers[0]))
+    layers = get_submodule(model, table[family])
+    return TowerLayout(family, table[family], len(layers), find_projections(layers[0]))
+
+
+def text_layout(model: nn.Module) -> TowerLayout:
+    return _layout(model, TEXT_ENCODER_LAYERS, "text")
 
 
 def vision_layout(model: nn.Module) -> TowerLayout:
-    family = model.config.model_type
-    if family not in VISION_ENCODER_LAYERS:
-        raise VQAConfigError(
-            f"vision model family {family!r} is not supported; use one of {sorted(VISION_ENCODER_LAYERS)}"
-        )
-    path = VISION_ENCODER_LAYERS[family]
-    layers = get_submodule(model, path)
-    return TowerLayout(family, path, len(layers), find_projections(layers[0]))
+    return _layout(model, VISION_ENCODER_LAYERS, "vision")
 
 
 def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tuple[str, ...]:
