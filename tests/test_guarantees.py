@@ -157,7 +157,7 @@ def test_missing_or_wrong_backbone_folders_say_what_was_looked_for(tmp_path, mon
     with pytest.raises(VQAConfigError, match="folder not found"):
         load_text(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VQAConfigError, match="no config.json"):
+    with pytest.raises(VQAConfigError, match=r"no config\.json"):
         load_vision(str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

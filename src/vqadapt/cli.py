@@ -121,7 +121,13 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
             for key, value in (("text_steps", args.text_steps), ("vision_steps", args.vision_steps))
             if value is not None
         }
-        paths = build_tiny_backbones(args.out, texts, text_sources=sources, **steps)
+        paths = build_tiny_backbones(
+            args.out,
+            texts,
+            text_sources=sources,
+            text_encoder_layers=args.text_encoder_layers,
+            **steps,
+        )
     for name, path in paths.items():
         print(f"{name}: {path}\n  {describe(path)}")
     return 0
@@ -208,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", default=None, help="folder (default: the shared cache, built once)")
     tiny.add_argument("--text_steps", type=int, default=None, help="denoising steps (default 320)")
     tiny.add_argument("--vision_steps", type=int, default=None, help="vision steps (default 250)")
+    tiny.add_argument(
+        "--text_encoder_layers",
+        type=int,
+        default=12,
+        help="text-encoder depth (12 mirrors BARTpho; fewer learn faster from little data)",
+    )
 
     aw = sub.add_parser("answer-weights", help="per-answer loss weights (answer_weights.json)")
     aw.add_argument("--data", nargs="+", required=True, help="training annotation file(s)")

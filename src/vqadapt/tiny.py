@@ -260,6 +260,7 @@ def build_tiny_backbones(
     text_seconds: float | None = None,
     vision_seconds: float | None = None,
     text_sources: Sequence[str] = (),
+    text_encoder_layers: int = TINY_TEXT["encoder_layers"],
 ) -> dict[str, Path]:
     """Build, pretrain and save the tiny vision and text backbones into ``out_dir``.
 
@@ -284,7 +285,7 @@ def build_tiny_backbones(
         eos_token_id=2,
         decoder_start_token_id=2,
         forced_eos_token_id=2,
-        **TINY_TEXT,
+        **{**TINY_TEXT, "encoder_layers": text_encoder_layers},
     )
     text_model = MBartForConditionalGeneration(text_config)
     text_record = pretrain_text(text_model, tokenizer, texts, text_steps, seed, text_seconds)
@@ -297,7 +298,7 @@ def build_tiny_backbones(
             **text_record,
             "texts": len(texts),
             "text_sources": list(text_sources),
-            "config": TINY_TEXT,
+            "config": {**TINY_TEXT, "encoder_layers": text_encoder_layers},
             "vocab_size": len(tokenizer),
             "note": "training-split text only",
         },
