@@ -41,6 +41,7 @@ METRIC_KEYS = {
     "grad_norm",
     "grad_norm_max",
     "grad_norm_layers",
+    "skipped_steps",
     "seconds",
     "samples_per_s",
 }
