@@ -186,3 +186,25 @@ def test_bad_data_is_reported_before_any_model_loads(vqa_env, tmp_path, monkeypa
     message = str(caught.value)
     assert "row 3" in message and "'type'" in message
     assert "row 5" in message and "'question'" in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--use_text_lora", "--text_lora_targets", "nope"], "match no linear layer"),
+        (["--use_vision_lora", "--vision_lora_targets", "qq"], "match no linear layer"),
+        (["--unfreeze_encoder_layers", "13"], "out of range"),
+    ],
+)
+def test_impossible_adaptation_fails_before_any_weight_loads(
+    vqa_env, tmp_path, monkeypatch, flags, message
+):
+    import vqadapt.build as build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(build, "load_text", no_model)
+    monkeypatch.setattr(build, "load_vision", no_model)
+    with pytest.raises(VQAConfigError, match=message):
+        build.build_model(vqa_env.config(tmp_path / "run", *flags), vqa_env.backbones())

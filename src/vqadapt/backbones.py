@@ -107,7 +107,7 @@ def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tu
     return names
 
 
-def _check_source(name_or_path: str, what: str) -> None:
+def check_source(name_or_path: str, what: str) -> None:
     """Fail early, with a useful message, on a path that is not a model folder."""
     path = Path(name_or_path)
     # A hub id is "name" or "org/name"; anything else (or anything on disk) is a local folder.
@@ -137,7 +137,7 @@ def load_vision(name_or_path: str, trust_remote_code: bool = False) -> nn.Module
     """The vision encoder alone (a CLIP/SigLIP checkpoint gives its vision tower)."""
     from transformers import AutoConfig, AutoModel
 
-    _check_source(name_or_path, "vision model")
+    check_source(name_or_path, "vision model")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if config.model_type in ("clip", "siglip"):
@@ -154,7 +154,7 @@ def load_text(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """The seq2seq text model with its LM head."""
     from transformers import AutoModelForSeq2SeqLM
 
-    _check_source(name_or_path, "text model")
+    check_source(name_or_path, "text model")
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code

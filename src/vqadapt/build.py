@@ -66,6 +66,7 @@ def build_model(
     config: RunConfig, backbones: Backbones
 ) -> tuple[VQAModel, AdaptationPlan, object, ImagePreprocessing | None]:
     """Load the towers, assemble the model and decide what trains (seeded, so reproducible)."""
+    check_adaptation(config, backbones)
     torch.manual_seed(config.train.seed)
     remote = config.model.trust_remote_code
     text = load_text(backbones.text, remote)
@@ -159,6 +160,46 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
 
     atomic_write_json(memo, {"skipped_images": report.skipped_images})
     return report.skipped_images
+
+
+def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
+    """Check layer counts and LoRA targets against the towers' config.json, before any weight
+    loads: the towers are built on the meta device (shapes only, no memory, no weights)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+    from vqadapt.backbones import (
+        check_source,
+        get_submodule,
+        resolve_targets,
+        text_layout,
+        vision_layout,
+    )
+    from vqadapt.errors import VQAConfigError
+
+    adapt, remote = config.adapt, config.model.trust_remote_code
+    check_source(backbones.text, "text model")
+    with torch.device("meta"):
+        text = AutoModelForSeq2SeqLM.from_config(
+            AutoConfig.from_pretrained(backbones.text, trust_remote_code=remote)
+        )
+        layout = text_layout(text)
+        if adapt.unfreeze_encoder_layers > layout.num_layers:
+            raise VQAConfigError(
+                f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers} is out of range: the "
+                f"text encoder has {layout.num_layers} layers"
+            )
+        if adapt.use_text_lora:
+            first = get_submodule(text, layout.layers_path)[0]
+            resolve_targets(adapt.text_lora_targets, layout, first)
+        if adapt.use_vision_lora and backbones.vision:
+            check_source(backbones.vision, "vision model")
+            vision_config = AutoConfig.from_pretrained(backbones.vision, trust_remote_code=remote)
+            vision_config = getattr(vision_config, "vision_config", vision_config)
+            vision = AutoModel.from_config(vision_config)
+            layout = vision_layout(vision)
+            resolve_targets(
+                adapt.vision_lora_targets, layout, get_submodule(vision, layout.layers_path)[0]
+            )
 
 
 @dataclass
