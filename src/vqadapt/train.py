@@ -142,11 +142,13 @@ class GradientMeter:
         self.max_total = 0.0
 
     def measure(self) -> float:
+        present = [(tower, layer, p.grad) for p, tower, layer in self.entries if p.grad is not None]
+        if not present:
+            return 0.0
+        # One stacked reduction and a single device sync, not one .item() per tensor.
+        norms = torch.stack([grad.detach().float().norm() for _, _, grad in present])
         squares: dict[str, float] = defaultdict(float)
-        for param, tower, layer in self.entries:
-            if param.grad is None:
-                continue
-            value = param.grad.detach().float().pow(2).sum().item()
+        for (tower, layer, _), value in zip(present, norms.double().pow(2).tolist(), strict=True):
             squares[tower] += value
             if layer:
                 squares[layer] += value
