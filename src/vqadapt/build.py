@@ -35,6 +35,7 @@ from vqadapt.data.pipeline import (
     Splits,
     encode_split,
     load_splits,
+    resolve_data_files,
 )
 from vqadapt.errors import VQADataError
 from vqadapt.model import VQAModel
@@ -78,24 +79,6 @@ def build_model(
     return model, plan, tokenizer, preprocessing
 
 
-def data_files(config: RunConfig, embedded_data: Path | None) -> dict[str, str | None]:
-    """The annotation files and image root a run reads (the embedded set by default)."""
-    d = config.data
-    if d.train_file is None and embedded_data is not None:
-        return {
-            "train": str(embedded_data / "train.csv"),
-            "test": d.test_file or str(embedded_data / "test.csv"),
-            "val": d.val_file,
-            "image_root": d.image_root or str(embedded_data / "images"),
-        }
-    return {
-        "train": d.train_file,
-        "test": d.test_file,
-        "val": d.val_file,
-        "image_root": d.image_root,
-    }
-
-
 def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
     import os
 
@@ -121,7 +104,7 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
     from vqadapt.data.check import check_dataset
     from vqadapt.embedded import cache_root
 
-    files = data_files(config, embedded_data)
+    files = resolve_data_files(config.data, embedded_data)
     image_root = None if config.model.blind else files["image_root"]
     stats = {
         name: (path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns)
@@ -209,7 +192,6 @@ class DataBundle:
     images: ImageStore
     features: FeatureSources
     collators: dict[str, Collator]
-    skipped: dict[str, int]
 
 
 def build_data(
@@ -251,7 +233,7 @@ def build_data(
         name: Collator(name, enc, pad, start, images, preprocessing, features, blind)
         for name, enc in encoded.items()
     }
-    return DataBundle(splits, encoded, images, features, collators, {})
+    return DataBundle(splits, encoded, images, features, collators)
 
 
 def fill_caches(

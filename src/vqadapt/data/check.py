@@ -32,6 +32,7 @@ from vqadapt.data.formats import (
     VIVQA_COLUMNS,
     _check_header,
     _jsonl_type,
+    annotation_items,
 )
 from vqadapt.data.images import REFUSED_REASONS, ImageIndex
 from vqadapt.data.records import QUESTION_TYPES, VQARecord
@@ -589,15 +590,8 @@ def _parse_json(text: str, out: _Collector, language: str | None) -> list[tuple[
         )
         return []
     images = _image_table(data["images"], out)
-    annotations = data["annotations"]
-    if isinstance(annotations, list):
-        items = [(str(i), i, ann) for i, ann in enumerate(annotations)]
-    elif isinstance(annotations, dict):
-        items = [
-            (str(k), int(k) if str(k).isascii() and str(k).isdigit() else str(k), a)
-            for k, a in annotations.items()
-        ]
-    else:
+    items = annotation_items(data["annotations"])
+    if items is None:
         out.error("columns", "'annotations' must be a list or an object", field="annotations")
         return []
     if not items:

@@ -240,6 +240,19 @@ def _annotation_record(
     return VQARecord(record_id, question, answers, images[image_key], qtype)
 
 
+def annotation_items(annotations: Any) -> list[tuple[str, int | str, Any]] | None:
+    """(id, row, annotation) of the list form (row = index) or the dict-keyed form (row = key,
+    an int when numeric); None when ``annotations`` is neither a list nor an object."""
+    if isinstance(annotations, list):
+        return [(str(i), i, ann) for i, ann in enumerate(annotations)]
+    if isinstance(annotations, dict):
+        return [
+            (str(k), int(k) if str(k).isascii() and str(k).isdigit() else str(k), a)
+            for k, a in annotations.items()
+        ]
+    return None
+
+
 def load_vqa_json(path: str | Path, language: str | None = None) -> list[VQARecord]:
     """Load EVJVQA / OpenViVQA JSON (list form or dict-keyed form).
 
@@ -266,15 +279,8 @@ def load_vqa_json(path: str | Path, language: str | None = None) -> list[VQAReco
             field="annotations",
         )
     images = _image_table(data["images"], path)
-    annotations = data["annotations"]
-    if isinstance(annotations, list):
-        items = [(str(i), i, ann) for i, ann in enumerate(annotations)]
-    elif isinstance(annotations, dict):
-        items = [
-            (str(k), int(k) if str(k).isascii() and str(k).isdigit() else str(k), a)
-            for k, a in annotations.items()
-        ]
-    else:
+    items = annotation_items(data["annotations"])
+    if items is None:
         raise VQADataError(
             "'annotations' must be a list or an object", file=path, field="annotations"
         )

@@ -31,6 +31,25 @@ class Splits:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def resolve_data_files(data: DataConfig, embedded_data: Path | None) -> dict[str, str | None]:
+    """The annotation files and image root a run reads (the embedded set by default)."""
+    if data.train_file is None:
+        if embedded_data is None:
+            raise VQADataError("no --train_file given and no embedded data set")
+        return {
+            "train": str(embedded_data / "train.csv"),
+            "test": data.test_file or str(embedded_data / "test.csv"),
+            "val": data.val_file,
+            "image_root": data.image_root or str(embedded_data / "images"),
+        }
+    return {
+        "train": data.train_file,
+        "test": data.test_file,
+        "val": data.val_file,
+        "image_root": data.image_root,
+    }
+
+
 def load_splits(
     data: DataConfig, embedded_data: Path | None = None, skip_images: Sequence[str] = ()
 ) -> Splits:
@@ -39,13 +58,8 @@ def load_splits(
     Questions about an image in ``skip_images`` (bad images, ``--on_bad_image skip``) are
     dropped; how many is in ``Splits.skipped``.
     """
-    train_file, test_file, image_root = data.train_file, data.test_file, data.image_root
-    if train_file is None:
-        if embedded_data is None:
-            raise VQADataError("no --train_file given and no embedded data set")
-        train_file = str(embedded_data / "train.csv")
-        test_file = test_file or str(embedded_data / "test.csv")
-        image_root = image_root or str(embedded_data / "images")
+    files = resolve_data_files(data, embedded_data)
+    train_file, test_file, image_root = files["train"], files["test"], files["image_root"]
     fmt, language = data.data_format, data.language
     train = load_records(train_file, fmt, language)
     if data.val_file:
