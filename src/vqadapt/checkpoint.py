@@ -22,22 +22,30 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vqadapt.errors import VQATrainingError
 from vqadapt.model import VQAModel
 
 TRAINED_FILE = "trained.safetensors"
 STATE_FILE = "training_state.pt"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def trained_state(model: VQAModel) -> dict[str, torch.Tensor]:
-    """Trained parameters outside LoRA adapters (names as in ``model.named_parameters()``)."""
+def trained_state(
+    model: VQAModel, full_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Trained parameters outside LoRA adapters (names as in ``model.named_parameters()``).
+
+    ``full_state``: the model's whole state dict as gathered by ``accelerator.get_state_dict``
+    (under sharded training the parameters themselves hold only this process's shard).
+    """
     return {
-        name: param.detach().cpu().clone()
+        name: (param if full_state is None else full_state[name]).detach().cpu().clone()
         for name, param in model.named_parameters()
         if param.requires_grad and ".lora_" not in name
     }
 
 
-def _towers_with_lora(model: VQAModel) -> dict[str, torch.nn.Module]:
+def towers_with_lora(model: VQAModel) -> dict[str, torch.nn.Module]:
     towers = {"text": model.text, "vision": model.vision}
     return {
         name: tower
@@ -46,30 +54,83 @@ def _towers_with_lora(model: VQAModel) -> dict[str, torch.nn.Module]:
     }
 
 
+def save_adapter(
+    tower: torch.nn.Module,
+    folder: Path,
+    base_model: str | None,
+    tower_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """One tower's LoRA adapter in peft's own format (``PeftModel.from_pretrained`` loads it);
+    ``tower_state``: the tower's gathered state dict, if not its own parameters."""
+    from peft import get_peft_model_state_dict
+
+    folder.mkdir(parents=True)
+    config = tower.peft_config["default"]
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
+    state = get_peft_model_state_dict(tower, state_dict=tower_state, adapter_name="default")
+    _refuse_partitioned(state)
+    state = {
+        f"base_model.model.{key}": value.detach().cpu().contiguous() for key, value in state.items()
+    }
+    save_file(state, str(folder / ADAPTER_FILE))
+
+
+def load_adapter(tower: torch.nn.Module, folder: Path) -> None:
+    """Load an adapter saved by ``save_adapter`` into a tower that already holds LoRA layers."""
+    from peft import set_peft_model_state_dict
+
+    path = folder / ADAPTER_FILE
+    adapter = load_file(str(path))
+    adapter = {key.removeprefix("base_model.model."): value for key, value in adapter.items()}
+    result = set_peft_model_state_dict(tower, adapter, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: unexpected adapter weights {result.unexpected_keys[:5]}")
+    missing = [key for key in getattr(result, "missing_keys", ()) if ".lora_" in key]
+    if missing:
+        raise ValueError(f"{path}: adapter weights missing for {missing[:5]}")
+
+
+def _refuse_partitioned(state: dict[str, torch.Tensor]) -> None:
+    """Never write an empty checkpoint: under DeepSpeed ZeRO-3 (or FSDP without a full state
+    dict) each process holds 0-element placeholders instead of the parameters."""
+    empty = [name for name, value in state.items() if value.numel() == 0]
+    if empty:
+        raise VQATrainingError(
+            f"refusing to save a checkpoint with {len(empty)} empty tensors (e.g. {empty[0]}): "
+            "the parameters are partitioned across processes (DeepSpeed ZeRO-3?). Use DDP or "
+            "ZeRO-2 (configs/accelerate/): the towers trained here fit on one device"
+        )
+
+
 def save_checkpoint(
     model: VQAModel,
     folder: str | Path,
     training_state: dict[str, Any] | None = None,
     base_models: dict[str, str] | None = None,
+    full_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    from peft import get_peft_model_state_dict
-
+    """Write ``folder`` whole or not at all (see the module docstring for its layout)."""
     folder = Path(folder)
+    trained = trained_state(model, full_state)
+    _refuse_partitioned(trained)
     tmp = folder.with_name(f".{folder.name}.writing-{time.time_ns()}")
     tmp.mkdir(parents=True)
-    save_file(trained_state(model), str(tmp / TRAINED_FILE))
-    for name, tower in _towers_with_lora(model).items():
-        adapter_dir = tmp / "adapters" / name
-        adapter_dir.mkdir(parents=True)
-        config = tower.peft_config["default"]
-        config.base_model_name_or_path = (base_models or {}).get(name)
-        config.save_pretrained(str(adapter_dir))
-        state = get_peft_model_state_dict(tower, adapter_name="default")
-        state = {
-            f"base_model.model.{key}": value.detach().cpu().contiguous()
-            for key, value in state.items()
-        }
-        save_file(state, str(adapter_dir / "adapter_model.safetensors"))
+    try:
+        save_file(trained, str(tmp / TRAINED_FILE))
+        for name, tower in towers_with_lora(model).items():
+            tower_state = None
+            if full_state is not None:
+                prefix = f"{name}."
+                tower_state = {
+                    key[len(prefix) :]: value
+                    for key, value in full_state.items()
+                    if key.startswith(prefix)
+                }
+            save_adapter(tower, tmp / "adapters" / name, (base_models or {}).get(name), tower_state)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if training_state is not None:
         torch.save(training_state, tmp / STATE_FILE)
     # Swap in: the old folder is moved aside first, so some complete checkpoint always exists.
@@ -101,8 +162,6 @@ def recover_checkpoint(folder: str | Path) -> Path:
 
 def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
     """Load trained weights into a model built (and adapted) with the same settings."""
-    from peft import set_peft_model_state_dict
-
     folder = Path(folder)
     state = load_file(str(folder / TRAINED_FILE))
     params = dict(model.named_parameters())
@@ -112,13 +171,8 @@ def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
-    for name, tower in _towers_with_lora(model).items():
-        path = folder / "adapters" / name / "adapter_model.safetensors"
-        adapter = load_file(str(path))
-        adapter = {key.removeprefix("base_model.model."): value for key, value in adapter.items()}
-        result = set_peft_model_state_dict(tower, adapter, adapter_name="default")
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{path}: unexpected adapter weights {result.unexpected_keys[:5]}")
+    for name, tower in towers_with_lora(model).items():
+        load_adapter(tower, folder / "adapters" / name)
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any]:

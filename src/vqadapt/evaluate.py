@@ -66,14 +66,17 @@ def predict(
     max_new_tokens: int,
     num_beams: int = 1,
     trie: AnswerTrie | None = None,
+    indices: Sequence[int] | None = None,
 ) -> list[str]:
+    """Greedy / beam answers of samples ``indices`` (default: all ``n``), in that order."""
     model.eval()
     outputs: list[str] = []
     kwargs = {"num_beams": num_beams, "do_sample": False}
     if trie is not None:
         kwargs["prefix_allowed_tokens_fn"] = lambda _, ids: trie.allowed(ids.tolist()[1:])
-    for start in range(0, n, batch_size):
-        batch = collator(list(range(start, min(n, start + batch_size))))
+    order = list(range(n)) if indices is None else list(indices)
+    for start in range(0, len(order), batch_size):
+        batch = collator(order[start : start + batch_size])
         generated = model.generate(batch, max_new_tokens=max_new_tokens, **kwargs)
         outputs += [
             text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -82,14 +85,20 @@ def predict(
 
 
 @torch.no_grad()
-def mean_loss(model, collator, n: int, batch_size: int) -> float:
-    """Unweighted mean per-sample loss (comparable across answer-weight settings)."""
+def summed_loss(model, collator, indices: Sequence[int], batch_size: int) -> float:
+    """Sum of the per-sample losses of ``indices`` (unweighted)."""
     model.eval()
     total = 0.0
-    for start in range(0, n, batch_size):
-        batch = collator(list(range(start, min(n, start + batch_size))))
+    order = list(indices)
+    for start in range(0, len(order), batch_size):
+        batch = collator(order[start : start + batch_size])
         total += token_losses(model(batch), batch["labels"]).sum().item()
-    return total / max(n, 1)
+    return total
+
+
+def mean_loss(model, collator, n: int, batch_size: int) -> float:
+    """Unweighted mean per-sample loss (comparable across answer-weight settings)."""
+    return summed_loss(model, collator, range(n), batch_size) / max(n, 1)
 
 
 def answer_counts(records: Sequence[VQARecord]) -> Counter[str]:

@@ -15,12 +15,14 @@ Run directory (``--output_dir``)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
 import subprocess
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,9 @@ from vqadapt.errors import VQAConfigError, VQATrainingError
 from vqadapt.evaluate import (
     AnswerTrie,
     answer_counts,
-    mean_loss,
     predict,
     score,
+    summed_loss,
     token_losses,
     weighted_loss,
     write_predictions,
@@ -188,6 +190,35 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def make_accelerator(mixed_precision: str):
+    """The Accelerator; several launched processes on a machine without GPUs train on CPU.
+
+    ``accelerate launch --multi_gpu`` on a machine with no accelerator would otherwise give
+    processes that each train alone (accelerate falls back to no distribution), duplicating
+    the work and racing on the run directory.
+    """
+    import os
+
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_only = launched > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_only)
+    if accelerator.num_processes != launched:
+        raise VQAConfigError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
+            "check the accelerate config (distributed_type, num_processes)"
+        )
+    return accelerator
+
+
+def process_share(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous share of ``indices`` (the shares of all ranks, in rank
+    order, are ``indices`` again: nothing dropped, nothing duplicated)."""
+    start = len(indices) * rank // world
+    return indices[start : len(indices) * (rank + 1) // world]
+
+
 def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train (or resume) one run and return its summary; a failure is recorded in status.json.
 
@@ -211,19 +242,28 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
 def _train(
     config: RunConfig, log, stop_after_epoch: int | None, owned: list[Path]
 ) -> dict[str, Any]:
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from vqadapt.weights import load_answer_weights, weight_for
-
     config.validate()
-    out, resuming = prepare_run_dir(config)
+    started = time.perf_counter()
+    # Under `accelerate launch` every process runs this function. The global batch is
+    # --batch_size, split between the processes; only the main process writes files.
+    accelerator = make_accelerator(config.train.mixed_precision)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not main:
+        log = lambda _: None  # noqa: E731  (one process speaks)
+    out, resuming = Path(config.train.output_dir), False
+    if main:  # only the main process may create or clear the run directory
+        out, resuming = prepare_run_dir(config)
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        resuming = broadcast_object_list([resuming])[0]
     if resuming and (out / "summary.json").exists():
         log(f"{out} is already finished: nothing to do (use --overwrite to train again)")
+        accelerator.end_training()
         return read_json(out / "summary.json")
-    started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
-    main = accelerator.is_main_process
     if main:
         config.save(out / "config.yaml")
         atomic_write_json(
@@ -231,34 +271,18 @@ def _train(
             {"status": "running", "error": None, "started": now(), "finished": None},
         )
         owned.append(out)
+    accelerator.wait_for_everyone()
 
     # -- setup ---------------------------------------------------------------------------
-    from vqadapt import embedded
-    from vqadapt.build import validate_data
-
-    embedded_data = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
-    skip_images = validate_data(config, embedded_data, log)
-    backbones = resolve_backbones(config, log)
-    model, plan, tokenizer, preprocessing = build_model(config, backbones)
-    log(format_plan(plan, per_layer=False))
-    if main:
-        atomic_write_text(out / "plan.txt", format_plan(plan) + "\n")
-    answer_weight, weights_report = None, None
-    from vqadapt.data.pipeline import load_splits
-
-    splits = load_splits(config.data, backbones.embedded_data, skip_images)
-    if config.train.answer_weights:
-        table, weights_report = load_answer_weights(
-            config.train.answer_weights, [r.answer for r in splits.train]
-        )
-        answer_weight = lambda answer: weight_for(table, answer)  # noqa: E731
-        log(
-            f"answer weights: {weights_report['covered']} training answers covered, "
-            f"{weights_report['uncovered_answers']} not covered (weight 1)"
-        )
-    data = build_data(
-        config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits
-    )
+    # The main process builds what is shared on disk (embedded data and backbones, the data
+    # check's memo, feature caches) first; the others then find it ready.
+    with accelerator.main_process_first():
+        setup = _assemble(config, out, main, log)
+    backbones, model, plan, tokenizer = setup.backbones, setup.model, setup.plan, setup.tokenizer
+    splits, data, skip_images = setup.splits, setup.data, setup.skip_images
+    weights_report = setup.weights_report
+    if rank:  # different dropout masks per process (rank 0 keeps the single-process stream)
+        torch.manual_seed(config.train.seed + 1_000_003 * rank)
     train_counts = answer_counts(splits.train)
     trie = None
     if config.train.constrain_to_train_answers:
@@ -282,15 +306,16 @@ def _train(
     raw_model = accelerator.unwrap_model(model)
 
     loop = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "step": 0}
-    if resuming:
+    if resuming and main:
         recover_checkpoint(out / "last")
         recover_checkpoint(out / "best")
+    accelerator.wait_for_everyone()
     if resuming and (out / "last" / "training_state.pt").exists():
         load_checkpoint(raw_model, out / "last")
         state = load_training_state(out / "last")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state.get("rng_per_rank", [state["rng"]] * world)[rank])
         loop = {key: state["loop"][key] for key in loop}
         log(f"resuming {out} after epoch {loop['epoch']}")
     elif resuming:
@@ -319,19 +344,31 @@ def _train(
         batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
         progress = _progress(batches, f"epoch {epoch}/{t.epochs}", t.progress and main)
         for micro, indices in enumerate(progress):
-            batch = data.collators["train"](indices)
-            with accelerator.autocast():
-                logits = model(batch)
-            loss = weighted_loss(
-                token_losses(logits, batch["labels"], t.label_smoothing), batch["weights"]
-            )
-            accelerator.backward(loss / t.gradient_accumulation_steps)
-            loss_value = loss.item()
+            last_micro = micro == len(batches) - 1
+            sync_step = (micro + 1) % t.gradient_accumulation_steps == 0 or last_micro
+            share = process_share(indices, rank, world)
+            # A process whose share is empty (a last batch smaller than the number of
+            # processes) still runs a step, on weight 0, so that the gradient all-reduce meets.
+            batch = data.collators["train"](share or indices[:1])
+            if not share:
+                batch["weights"] = torch.zeros_like(batch["weights"])
+            # Gradients are all-reduced only on the micro-batch that ends an accumulation.
+            with contextlib.nullcontext() if sync_step else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    logits = model(batch)
+                per_sample = token_losses(logits, batch["labels"], t.label_smoothing)
+                if world == 1:
+                    loss = weighted_loss(per_sample, batch["weights"])
+                    loss_value = loss.item()
+                else:
+                    loss, loss_value = global_weighted_loss(
+                        per_sample, batch["weights"], accelerator
+                    )
+                accelerator.backward(loss / t.gradient_accumulation_steps)
             nonfinite = nonfinite or not math.isfinite(loss_value)
             if math.isfinite(loss_value):
                 step_losses.append(loss_value)
-            last_micro = micro == len(batches) - 1
-            if (micro + 1) % t.gradient_accumulation_steps and not last_micro:
+            if not sync_step:
                 continue
             grad_norm = meter.measure()
             if nonfinite or not math.isfinite(grad_norm):
@@ -357,12 +394,14 @@ def _train(
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{np.mean(step_losses[-20:]):.3f}")
             if writer and loop["step"] % t.log_every == 0:
-                writer.add_scalar("train/loss", loss.item(), loop["step"])
+                writer.add_scalar("train/loss", loss_value, loop["step"])
                 writer.add_scalar("train/grad_norm", grad_norm, loop["step"])
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], loop["step"])
 
         # -- evaluate --------------------------------------------------------------------
-        val = evaluate_split(raw_model, data, "val", tokenizer, config, train_counts, trie)
+        val = evaluate_split(
+            raw_model, data, "val", tokenizer, config, train_counts, trie, accelerator
+        )
         record = {
             "epoch": epoch,
             "train_loss": float(np.mean(step_losses)) if step_losses else float("nan"),
@@ -389,9 +428,15 @@ def _train(
             f"val EM {100 * val['em']:.1f}  F1 {100 * val['f1']:.1f}"
             + ("  (best)" if improved else "")
         )
+        rng_per_rank = gather_objects([rng_state()], accelerator)
+        # Under several processes the weights to save are gathered by accelerate (whole
+        # parameters even where FSDP / ZeRO shard them); a collective: every process calls it.
+        full_state = accelerator.get_state_dict(model) if world > 1 else None
         if main:
             if improved:
-                save_checkpoint(raw_model, out / "best", base_models=_bases(backbones))
+                save_checkpoint(
+                    raw_model, out / "best", base_models=_bases(backbones), full_state=full_state
+                )
                 write_predictions(
                     out / "predictions_val.jsonl", data.splits.val, val["predictions"]
                 )
@@ -399,17 +444,23 @@ def _train(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
+                "rng_per_rank": rng_per_rank,
                 "loop": dict(loop),
             }
             # The metrics line goes first: a kill between the two leaves a line that resume
             # drops (it trims metrics.jsonl to the checkpoint's epoch) and recomputes.
             append_jsonl(out / "metrics.jsonl", record)
             save_checkpoint(
-                raw_model, out / "last", training_state=state, base_models=_bases(backbones)
+                raw_model,
+                out / "last",
+                training_state=state,
+                base_models=_bases(backbones),
+                full_state=full_state,
             )
             for key in ("val_loss", "val_em", "val_f1"):
                 writer.add_scalar(f"val/{key[4:]}", record[key], epoch)
             writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
+        accelerator.wait_for_everyone()  # checkpoints are on disk before any process reads them
         if t.early_stopping_patience and loop["bad_epochs"] >= t.early_stopping_patience:
             log(
                 f"early stopping: no improvement of {t.early_stopping_metric} for {loop['bad_epochs']} epochs"
@@ -424,7 +475,7 @@ def _train(
         writer.close()
     load_checkpoint(raw_model, out / "best")
     test = (
-        evaluate_split(raw_model, data, "test", tokenizer, config, train_counts, trie)
+        evaluate_split(raw_model, data, "test", tokenizer, config, train_counts, trie, accelerator)
         if len(data.splits.test)
         else None
     )
@@ -448,7 +499,9 @@ def _train(
         },
         "plan": plan.to_dict(),
         "val": _without_predictions(
-            evaluate_split(raw_model, data, "val", tokenizer, config, train_counts, trie)
+            evaluate_split(
+                raw_model, data, "val", tokenizer, config, train_counts, trie, accelerator
+            )
         ),
         "test": _without_predictions(test) if test else None,
         "data": {name: len(getattr(data.splits, name)) for name in ("train", "val", "test")}
@@ -467,14 +520,65 @@ def _train(
         atomic_write_json(out / "status.json", {**status, "status": "success", "finished": now()})
     if test:
         log(f"test: EM {100 * test['em']:.1f}  F1 {100 * test['f1']:.1f}  (n={test['n']})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # ends the process group, if any (a clean exit for gloo / NCCL)
     return summary
 
 
-def evaluate_split(model, data, split, tokenizer, config, train_counts, trie) -> dict[str, Any]:
+@dataclass
+class _Setup:
+    backbones: Any
+    model: Any
+    plan: Any
+    tokenizer: Any
+    splits: Any
+    data: Any
+    skip_images: list[str]
+    weights_report: dict[str, Any] | None
+
+
+def _assemble(config: RunConfig, out: Path, main: bool, log) -> _Setup:
+    """Data check, backbones, model (adapted), splits and batches with their caches."""
+    from vqadapt import embedded
+    from vqadapt.build import validate_data
+    from vqadapt.data.pipeline import load_splits
+    from vqadapt.weights import load_answer_weights, weight_for
+
+    embedded_data = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
+    skip_images = validate_data(config, embedded_data, log)
+    backbones = resolve_backbones(config, log)
+    model, plan, tokenizer, preprocessing = build_model(config, backbones)
+    log(format_plan(plan, per_layer=False))
+    if main:
+        atomic_write_text(out / "plan.txt", format_plan(plan) + "\n")
+    answer_weight, weights_report = None, None
+    splits = load_splits(config.data, backbones.embedded_data, skip_images)
+    if config.train.answer_weights:
+        table, weights_report = load_answer_weights(
+            config.train.answer_weights, [r.answer for r in splits.train]
+        )
+        answer_weight = lambda answer: weight_for(table, answer)  # noqa: E731
+        log(
+            f"answer weights: {weights_report['covered']} training answers covered, "
+            f"{weights_report['uncovered_answers']} not covered (weight 1)"
+        )
+    data = build_data(
+        config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits
+    )
+    return _Setup(backbones, model, plan, tokenizer, splits, data, skip_images, weights_report)
+
+
+def evaluate_split(
+    model, data, split, tokenizer, config, train_counts, trie, accelerator=None
+) -> dict[str, Any]:
+    """Loss, predictions and scores of a split. With several processes each one evaluates
+    its contiguous share and the shares are gathered in rank order (every sample once)."""
     collator = data.collators[split]
     n = len(data.encoded[split])
     t = config.train
-    loss = mean_loss(model, collator, n, t.eval_batch_size)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    share = process_share(list(range(n)), rank, world)
+    loss_sum = summed_loss(model, collator, share, t.eval_batch_size)
     predictions = predict(
         model,
         collator,
@@ -484,9 +588,39 @@ def evaluate_split(model, data, split, tokenizer, config, train_counts, trie) ->
         config.data.max_answer_tokens,
         t.num_beams,
         trie,
+        indices=share,
     )
+    if world > 1:
+        loss_sum = sum(gather_objects([loss_sum], accelerator))
+        predictions = gather_objects(predictions, accelerator)
+    if len(predictions) != n:
+        raise VQATrainingError(f"{split}: gathered {len(predictions)} predictions for {n} samples")
+    loss = loss_sum / max(n, 1)
     result = score(getattr(data.splits, split), predictions, train_counts)
     return {"loss": loss, **result, "predictions": predictions}
+
+
+def global_weighted_loss(
+    per_sample: torch.Tensor, weights: torch.Tensor, accelerator
+) -> tuple[torch.Tensor, float]:
+    """The global batch's weighted mean loss, computed from this process's share.
+
+    DDP averages gradients over the processes, so this process's loss is its share of the
+    numerator over the *global* weight sum, times the number of processes: the gradient is
+    then exactly that of ``weighted_loss`` over the whole batch in one process.
+    Returns (loss to backpropagate, global loss value for logging)."""
+    numerator = (per_sample * weights).sum()
+    totals = accelerator.reduce(torch.stack([numerator.detach(), weights.sum()]), "sum")
+    denominator = totals[1].clamp(min=1e-12)
+    loss = numerator / denominator * accelerator.num_processes
+    return loss, (totals[0] / denominator).item()
+
+
+def gather_objects(items: list[Any], accelerator) -> list[Any]:
+    """The lists of all processes, concatenated in rank order (``gather_for_metrics``)."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    return list(accelerator.gather_for_metrics(items, use_gather_object=True))
 
 
 def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
