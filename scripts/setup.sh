@@ -10,5 +10,6 @@ fi
 extra=()
 # A CPU build of torch lies in /opt/wheels on this project's machines; elsewhere pip takes PyPI's.
 [ -d /opt/wheels ] && extra+=(--find-links /opt/wheels)
-python -m pip install -q --disable-pip-version-check "${extra[@]}" -e ".[dev]"
+# dev: tests and lint; demo: gradio for `vqadapt demo`
+python -m pip install -q --disable-pip-version-check "${extra[@]}" -e ".[dev,demo]"
 python -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"

@@ -74,6 +74,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vqadapt.export import ExportCheckError, export_run
+
+    try:
+        report = export_run(
+            args.run,
+            args.out,
+            checkpoint=args.checkpoint,
+            merge=args.merge,
+            overwrite=args.overwrite,
+            questions=args.check_questions,
+            tolerance=args.tolerance,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+    except ExportCheckError as err:
+        print(json.dumps(err.report, ensure_ascii=False, indent=1))
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from vqadapt.data.synth import generate
@@ -159,6 +181,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vqadapt.demo.limits import UploadLimits
+    from vqadapt.demo.page import serve
+
+    limits = UploadLimits(args.max_file_mb, args.max_pixels, args.max_question_chars)
+    serve(args.run, args.host, args.port, args.examples, args.num_beams, limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqadapt",
@@ -183,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--question", required=True)
     pr.add_argument("--image", default=None)
     pr.add_argument("--num_beams", type=int, default=1)
+
+    ex = sub.add_parser(
+        "export", help="write a self-contained model folder and check it against the run"
+    )
+    ex.add_argument("--run", required=True)
+    ex.add_argument("--out", required=True, help="folder to create (refused if not empty)")
+    ex.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    ex.add_argument("--merge", action="store_true", help="fold LoRA into the weights")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--check_questions", type=int, default=32, help="held-out questions checked")
+    ex.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest logit difference allowed (default 1e-4, with --merge 1e-3)",
+    )
 
     data = sub.add_parser("data", help="synthetic data and data set summaries")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -245,6 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every cell"
     )
+
+    from vqadapt.demo.limits import UploadLimits
+
+    dm = sub.add_parser(
+        "demo", help="a local web page: ask a run questions, see beams and attention"
+    )
+    dm.add_argument("--run", required=True, help="run directory (its best checkpoint)")
+    dm.add_argument("--host", default="127.0.0.1")
+    dm.add_argument("--port", type=int, default=7860)
+    dm.add_argument("--examples", type=int, default=8, help="preloaded synthetic examples")
+    dm.add_argument("--num_beams", type=int, default=3, help="beams shown at first (1-8)")
+    limit = "refused above this (default %(default)s)"
+    dm.add_argument("--max_file_mb", type=float, default=UploadLimits.max_file_mb, help=limit)
+    dm.add_argument("--max_pixels", type=int, default=UploadLimits.max_pixels, help=limit)
+    dm.add_argument(
+        "--max_question_chars", type=int, default=UploadLimits.max_question_chars, help=limit
+    )
     return parser
 
 
@@ -260,10 +324,12 @@ def main(argv: list[str] | None = None) -> None:
             handlers = {
                 "eval": _cmd_eval,
                 "predict": _cmd_predict,
+                "export": _cmd_export,
                 "data": _cmd_data,
                 "backbones": _cmd_backbones,
                 "answer-weights": _cmd_answer_weights,
                 "ablate": _cmd_ablate,
+                "demo": _cmd_demo,
             }
             code = handlers[args.command](args)
     except (VQAConfigError, VQADataError) as err:

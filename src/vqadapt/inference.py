@@ -113,10 +113,10 @@ def evaluate_run(
     return scores
 
 
-@torch.no_grad()
-def answer_question(
-    run: LoadedRun, question: str, image: str | Path | None, num_beams: int = 1
-) -> str:
+def question_batch(
+    run: LoadedRun, question: str, image: str | Path | None
+) -> dict[str, torch.Tensor]:
+    """One question (and its image file) as a model batch, preprocessed as in training."""
     from vqadapt.data.images import ImageIndex
     from vqadapt.data.pipeline import Collator, FeatureSources, ImageStore, encode_split
 
@@ -136,7 +136,16 @@ def answer_question(
         FeatureSources(),
         run.model.vision is None,
     )
+    return collator([0])
+
+
+@torch.no_grad()
+def answer_question(
+    run: LoadedRun, question: str, image: str | Path | None, num_beams: int = 1
+) -> str:
     generated = run.model.generate(
-        collator([0]), max_new_tokens=run.config.data.max_answer_tokens, num_beams=num_beams
+        question_batch(run, question, image),
+        max_new_tokens=run.config.data.max_answer_tokens,
+        num_beams=num_beams,
     )
     return run.tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()

@@ -148,6 +148,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` upright (EXIF orientation applied) and in RGB: what every loaded image goes
+    through."""
+    return _to_rgb(ImageOps.exif_transpose(image) or image)
+
+
 def load_image(path: str | Path, size: int | None = None) -> Image.Image:
     """Open an image as RGB, upright (EXIF orientation applied), optionally resized to
     ``size`` x ``size`` (bicubic, aspect ratio not kept).
@@ -161,8 +167,7 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
             raise VQADataError("empty image file (0 bytes)", file=path)
         with Image.open(path) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened) or opened
-            image = _to_rgb(image)
+            image = upright_rgb(opened)
             if image is opened:
                 image = opened.copy()
     except VQADataError:

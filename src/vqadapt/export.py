@@ -1,0 +1,531 @@
+"""Export a run as one self-contained folder, load it with one call, check it against the run.
+
+Layout of an export folder::
+
+    vqadapt_export.json     what the folder holds: format, vqadapt version, model families,
+                            blind or not, LoRA merged or not, decoding settings, preprocessing,
+                            and the run it came from (provenance: loading never reads the run)
+    text/                   the seq2seq text model and its tokenizer (``save_pretrained``)
+    vision/                 the vision encoder and its ``preprocessor_config.json`` (not when blind)
+    projector.safetensors   vision -> text projector and modality marker (not when blind)
+    adapters/text/          without --merge: the LoRA adapters in peft's own format, next to
+    adapters/vision/        the base towers above; with --merge they are folded into them
+    answer_trie.json        training answers as token ids, for runs that decode with
+                            --constrain_to_train_answers
+    export_check.json       the check against the run (predictions and logits, held-out questions)
+
+Tied embeddings: vqadapt gives the decoder its own copy of the shared input embedding
+(``model.untie_decoder_embeddings``, which also sets ``tie_word_embeddings: false``). The text
+model is written with every matrix under its own name, so that a plain
+``AutoModelForSeq2SeqLM.from_pretrained`` (which re-ties nothing when the flag is off) gets back
+exactly the trained weights: the encoder's embedding, and the decoder's copy that ``lm_head``
+shares.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import vqadapt
+from vqadapt.backbones import (
+    ImagePreprocessing,
+    load_image_preprocessing,
+    load_text,
+    load_tokenizer,
+    load_vision,
+)
+from vqadapt.checkpoint import load_adapter, save_adapter, towers_with_lora
+from vqadapt.config import DataConfig
+from vqadapt.data.images import ImageIndex, upright_rgb
+from vqadapt.data.pipeline import (
+    Collator,
+    FeatureSources,
+    ImageStore,
+    Splits,
+    encode_split,
+    load_splits,
+)
+from vqadapt.data.records import VQARecord
+from vqadapt.errors import VQAConfigError, VQADataError
+from vqadapt.evaluate import AnswerTrie, predict
+from vqadapt.inference import LoadedRun, load_run, merge_lora
+from vqadapt.io import atomic_write_json
+from vqadapt.model import VQAModel
+
+EXPORT_FORMAT = 1
+SETTINGS_FILE = "vqadapt_export.json"
+CHECK_FILE = "export_check.json"
+PROJECTOR_FILE = "projector.safetensors"
+TRIE_FILE = "answer_trie.json"
+CHECK_QUESTIONS = 32
+PREDICT_BATCH = 32
+
+# Largest absolute difference of teacher-forced logits allowed between export and run.
+# Unmerged, the export holds the run's weights bit for bit and runs the same code: the logits
+# are identical (0.0 measured); 1e-4 only leaves room for another matmul kernel. Merged,
+# W + scale * B A is rounded once to fp32 per adapted matrix: measured 2.4e-6 on the tiny
+# models (logits of size ~10), so 1e-3 leaves room for deeper towers and larger logits while a
+# real fault (a wrong or missing tensor, other preprocessing) moves logits by far more.
+UNMERGED_TOLERANCE = 1e-4
+MERGED_TOLERANCE = 1e-3
+
+Log = Callable[[str], None]
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class ExportCheckError(RuntimeError):
+    """The exported model does not reproduce the run; ``report`` says how."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def default_tolerance(merged: bool) -> float:
+    return MERGED_TOLERANCE if merged else UNMERGED_TOLERANCE
+
+
+# -- batches: the training pipeline, for any model ------------------------------------------
+def records_collator(
+    model: VQAModel,
+    tokenizer,
+    preprocessing: ImagePreprocessing | None,
+    data: DataConfig,
+    records: Sequence[VQARecord],
+    image_root: str | Path | None,
+) -> Collator:
+    """Records -> padded batches, tokenised, truncated and preprocessed as in training."""
+    blind = model.vision is None
+    if not blind and image_root is None:
+        raise VQAConfigError("this model needs an image")
+    images = ImageStore(None if blind else ImageIndex(image_root), preprocessing)
+    encoded = encode_split(records, tokenizer, data, images.slot)
+    return Collator(
+        "export",
+        encoded,
+        tokenizer.pad_token_id,
+        model.decoder_start_token_id,
+        images,
+        preprocessing,
+        FeatureSources(),
+        blind,
+    )
+
+
+# -- the loaded export ----------------------------------------------------------------------
+@dataclass
+class ExportedModel:
+    """An exported model with its tokenizer, preprocessing and decoding settings."""
+
+    model: VQAModel
+    tokenizer: Any
+    preprocessing: ImagePreprocessing | None
+    settings: dict[str, Any]
+    folder: Path
+    trie: AnswerTrie | None = None
+
+    @property
+    def data(self) -> DataConfig:
+        """Tokenisation limits, as in training."""
+        decoding = self.settings["decoding"]
+        return DataConfig(
+            max_question_tokens=decoding["max_question_tokens"],
+            max_answer_tokens=decoding["max_answer_tokens"],
+        )
+
+    def collator(self, records: Sequence[VQARecord], image_root: str | Path | None) -> Collator:
+        return records_collator(
+            self.model, self.tokenizer, self.preprocessing, self.data, records, image_root
+        )
+
+    def predict(
+        self,
+        records: Sequence[VQARecord],
+        image_root: str | Path | None,
+        num_beams: int | None = None,
+    ) -> list[str]:
+        """Answers to ``records`` (images resolved under ``image_root``), as the run decoded."""
+        decoding = self.settings["decoding"]
+        return predict(
+            self.model,
+            self.collator(records, image_root),
+            len(records),
+            self.tokenizer,
+            batch_size=PREDICT_BATCH,
+            max_new_tokens=decoding["max_answer_tokens"],
+            num_beams=num_beams or decoding["num_beams"],
+            trie=self.trie,
+        )
+
+    def answer(
+        self,
+        question: str,
+        image: str | Path | Image.Image | None = None,
+        num_beams: int | None = None,
+    ) -> str:
+        """Answer one question about an image file or a PIL image (none for a blind model)."""
+        from vqadapt.text import nfc
+
+        if image is None or isinstance(image, str | Path):
+            return self._answer_file(nfc(question), Path(image) if image else None, num_beams)
+        # An in-memory image takes the same path as a file: written losslessly, then loaded.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "image.png"
+            upright_rgb(image).save(path)
+            return self._answer_file(nfc(question), path, num_beams)
+
+    def _answer_file(self, question: str, path: Path | None, num_beams: int | None) -> str:
+        record = VQARecord("0", question, ("",), path.name if path else None)
+        return self.predict([record], path.parent if path else None, num_beams)[0]
+
+
+def load_exported(folder: str | Path) -> ExportedModel:
+    """Load an export folder: no run directory, training config or original backbone needed."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    settings_file = folder / SETTINGS_FILE
+    if not settings_file.is_file():
+        raise VQAConfigError(f"{folder} is not a vqadapt export (no {SETTINGS_FILE})")
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    if settings.get("format") != EXPORT_FORMAT:
+        raise VQAConfigError(
+            f"{settings_file}: export format {settings.get('format')!r} is not {EXPORT_FORMAT} "
+            f"(written by vqadapt {settings.get('vqadapt_version')})"
+        )
+    blind = settings["blind"]
+    text = load_text(str(folder / "text"))
+    tokenizer = load_tokenizer(str(folder / "text"))
+    vision = None if blind else load_vision(str(folder / "vision"))
+    preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
+    model = VQAModel(vision, text, dropout=settings["dropout"])
+    if model.projector is not None:
+        model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    for tower_name in settings["adapters"]:
+        _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
+    model.requires_grad_(False)
+    model.eval()
+    trie = None
+    if settings["decoding"]["constrain_to_train_answers"]:
+        values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
+        trie = AnswerTrie(values["sequences"], values["eos_token_id"])
+    return ExportedModel(model, tokenizer, preprocessing, settings, folder, trie)
+
+
+def _attach_adapter(tower: nn.Module, folder: Path) -> None:
+    """Inject LoRA layers as the adapter config says (as training did) and load its weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig.from_pretrained(str(folder))
+    inject_adapter_in_model(config, tower, adapter_name="default")
+    tower.peft_config = {"default": config}
+    load_adapter(tower, folder)
+
+
+# -- writing --------------------------------------------------------------------------------
+def _save_tower(tower: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` without LoRA layers: their base weights (merged or not) under the
+    plain names; a matrix shared by several names is written under each (see module doc)."""
+    state: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tower.state_dict().items():
+        if ".lora_" in name:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()
+        storages.add(storage)
+        state[name.replace(".base_layer.", ".")] = tensor
+    tower.save_pretrained(str(folder), state_dict=state)
+
+
+def _lora_settings(tower: nn.Module | None) -> dict[str, Any] | None:
+    if tower is None or not hasattr(tower, "peft_config"):
+        return None
+    config = tower.peft_config["default"]
+    return {"r": config.r, "alpha": config.lora_alpha, "target_modules": config.target_modules}
+
+
+def write_export(
+    model: VQAModel,
+    run: LoadedRun,
+    folder: Path,
+    *,
+    merged: bool,
+    checkpoint: str,
+    answer_sequences: list[list[int]] | None,
+) -> dict[str, Any]:
+    """Write ``model`` (the run's, LoRA merged or not) and what it needs into ``folder``."""
+    from safetensors.torch import save_file
+    from transformers.utils import cached_file
+
+    folder.mkdir(parents=True)
+    _save_tower(model.text, folder / "text")
+    run.tokenizer.save_pretrained(str(folder / "text"))
+    if model.vision is not None:
+        _save_tower(model.vision, folder / "vision")
+        source = cached_file(run.backbones.vision, "preprocessor_config.json")
+        shutil.copyfile(source, folder / "vision" / "preprocessor_config.json")
+        projector = {
+            k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()
+        }
+        save_file(projector, str(folder / PROJECTOR_FILE))
+    adapters = [] if merged else sorted(towers_with_lora(model))
+    for name in adapters:
+        save_adapter(getattr(model, name), folder / "adapters" / name, base_model=None)
+    config = run.config
+    if answer_sequences is not None:
+        trie = {"eos_token_id": run.tokenizer.eos_token_id, "sequences": answer_sequences}
+        atomic_write_json(folder / TRIE_FILE, trie)
+    summary = _read_summary(run.run_dir)
+    settings = {
+        "format": EXPORT_FORMAT,
+        "vqadapt_version": vqadapt.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "family": {
+            "text": model.text_layout.family,
+            "vision": model.vision_layout.family if model.vision_layout else None,
+        },
+        "blind": model.vision is None,
+        "merged": merged,
+        "adapters": adapters,
+        "lora": {
+            "text": _lora_settings(run.model.text),
+            "vision": _lora_settings(run.model.vision),
+        },
+        "dropout": config.train.dropout,
+        "decoding": {
+            "max_question_tokens": config.data.max_question_tokens,
+            "max_answer_tokens": config.data.max_answer_tokens,
+            "num_beams": config.train.num_beams,
+            "constrain_to_train_answers": answer_sequences is not None,
+        },
+        "preprocessing": run.preprocessing.to_dict() if run.preprocessing else None,
+        "source": {
+            "run": str(run.run_dir.resolve()),
+            "checkpoint": checkpoint,
+            "strategy": summary.get("strategy"),
+            "best_epoch": summary.get("best_epoch"),
+            "code_version": summary.get("code_version"),
+            "backbones": {"vision": run.backbones.vision, "text": run.backbones.text},
+            "config": config.to_dict(),
+        },
+    }
+    atomic_write_json(folder / SETTINGS_FILE, settings)
+    return settings
+
+
+# -- the check ------------------------------------------------------------------------------
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def run_splits(run: LoadedRun) -> Splits:
+    """The run's data as it trained on it (same limits, same skipped images)."""
+    skipped = (_read_summary(run.run_dir).get("skipped_bad_images") or {}).get("images") or []
+    return load_splits(run.config.data, run.backbones.embedded_data, skipped)
+
+
+def held_out(splits: Splits, questions: int) -> tuple[str, list[VQARecord]]:
+    """The first ``questions`` test questions (validation ones when there is no test split)."""
+    for name in ("test", "val"):
+        records = getattr(splits, name)
+        if records:
+            return name, records[:questions]
+    raise VQADataError("the run has no test or validation questions to check the export on")
+
+
+def train_answer_sequences(run: LoadedRun, splits: Splits) -> list[list[int]] | None:
+    """Token ids of the training answers, for runs decoded with --constrain_to_train_answers."""
+    if not run.config.train.constrain_to_train_answers:
+        return None
+    encoded = encode_split(splits.train, run.tokenizer, run.config.data, lambda _: -1)
+    return [list(ids) for ids in sorted({tuple(ids.tolist()) for ids in encoded.label_ids})]
+
+
+def compare(
+    exported: ExportedModel,
+    reference: LoadedRun,
+    records: list[VQARecord],
+    image_root: Path | None,
+    tolerance: float,
+    trie: AnswerTrie | None,
+) -> dict[str, Any]:
+    """Teacher-forced logits and decoded answers of export and run on the same questions."""
+    n = len(records)
+    config = reference.config
+    ref_collator = records_collator(
+        reference.model,
+        reference.tokenizer,
+        reference.preprocessing,
+        config.data,
+        records,
+        image_root,
+    )
+    ref_batch = ref_collator(list(range(n)))
+    exp_batch = exported.collator(records, image_root)(list(range(n)))
+    problems = []
+    same_inputs = ref_batch.keys() == exp_batch.keys() and all(
+        torch.equal(ref_batch[key], exp_batch[key]) for key in ref_batch
+    )
+    if not same_inputs:
+        problems.append("the exported tokenizer or preprocessing gives other inputs than the run's")
+    with torch.no_grad():
+        ref_logits = reference.model(ref_batch)
+        exp_logits = exported.model(exp_batch)
+    diff = math.inf
+    if ref_logits.shape == exp_logits.shape:
+        diff = (ref_logits - exp_logits).abs().max().item()
+    if not diff <= tolerance:  # also catches NaN
+        problems.append(f"largest logit difference {diff:.3g} exceeds the tolerance {tolerance:g}")
+    ref_answers = predict(
+        reference.model,
+        ref_collator,
+        n,
+        reference.tokenizer,
+        batch_size=PREDICT_BATCH,
+        max_new_tokens=config.data.max_answer_tokens,
+        num_beams=config.train.num_beams,
+        trie=trie,
+    )
+    exp_answers = exported.predict(records, image_root)
+    identical = sum(a == b for a, b in zip(ref_answers, exp_answers, strict=True))
+    if identical < n:
+        problems.append(f"{n - identical} of {n} predictions differ")
+    return {
+        "status": "failed" if problems else "passed",
+        "questions": n,
+        "identical_predictions": identical,
+        "max_abs_logit_diff": diff if math.isfinite(diff) else None,
+        "tolerance": tolerance,
+        "inputs_identical": same_inputs,
+        "merged": exported.settings["merged"],
+        "num_beams": config.train.num_beams,
+        "constrained_to_train_answers": trie is not None,
+        "problems": problems,
+        "differences": [
+            {"question": r.question, "image": r.image, "run": a, "export": b}
+            for r, a, b in zip(records, ref_answers, exp_answers, strict=True)
+            if a != b
+        ][:5],
+    }
+
+
+def check_export(
+    folder: str | Path,
+    run_dir: str | Path,
+    checkpoint: str = "best",
+    questions: int = CHECK_QUESTIONS,
+    tolerance: float | None = None,
+) -> dict[str, Any]:
+    """Check an export folder against its run (LoRA unmerged: the weights as trained); the
+    report's ``status`` is ``passed`` or ``failed``."""
+    exported = load_exported(folder)
+    reference = load_run(run_dir, checkpoint, merge=False)
+    splits = run_splits(reference)
+    split, records = held_out(splits, questions)
+    trie = _trie(reference, train_answer_sequences(reference, splits))
+    if tolerance is None:
+        tolerance = default_tolerance(exported.settings["merged"])
+    report = compare(exported, reference, records, splits.image_root, tolerance, trie)
+    return {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
+
+
+def _trie(run: LoadedRun, sequences: list[list[int]] | None) -> AnswerTrie | None:
+    return None if sequences is None else AnswerTrie(sequences, run.tokenizer.eos_token_id)
+
+
+# -- the command ----------------------------------------------------------------------------
+def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds files (unless ``overwrite``) or that holds the run itself."""
+    target, run = out.resolve(), run_dir.resolve()
+    if target == run or target in run.parents:
+        raise VQAConfigError(f"--out {out} would replace the run directory {run_dir}")
+    if out.exists() and not out.is_dir():
+        raise VQAConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise VQAConfigError(
+            f"{out} is not empty: pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in: the old one is moved aside first, then removed."""
+    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str = "best",
+    merge: bool = False,
+    overwrite: bool = False,
+    questions: int = CHECK_QUESTIONS,
+    tolerance: float | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Export a run's checkpoint into ``out`` and check it against the run; returns the check.
+
+    The folder is built beside ``out`` and renamed into place only once the check passed, so
+    ``out`` never holds a partial or failing export. A failed check raises ``ExportCheckError``.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    check_destination(run_dir, out, overwrite)
+    if tolerance is None:
+        tolerance = default_tolerance(merge)
+    log(f"loading {run_dir} ({checkpoint} checkpoint)")
+    reference = load_run(run_dir, checkpoint, merge=False)
+    splits = run_splits(reference)
+    split, records = held_out(splits, questions)
+    sequences = train_answer_sequences(reference, splits)
+    model = reference.model
+    if merge:
+        model = copy.deepcopy(model)  # the reference keeps the adapters as trained
+        log(f"merged {merge_lora(model)} LoRA layers into their weights")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.writing-{time.time_ns()}")
+    try:
+        write_export(
+            model, reference, tmp, merged=merge, checkpoint=checkpoint, answer_sequences=sequences
+        )
+        del model
+        log(f"checking the export against the run on {len(records)} {split} questions")
+        exported = load_exported(tmp)
+        report = compare(
+            exported, reference, records, splits.image_root, tolerance, _trie(reference, sequences)
+        )
+        report = {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
+        if report["status"] != "passed":
+            raise ExportCheckError(
+                f"export check failed: {'; '.join(report['problems'])}. "
+                f"Nothing was written to {out}.",
+                report,
+            )
+        atomic_write_json(tmp / CHECK_FILE, report)
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {run_dir} to {out}")
+    return report
