@@ -60,7 +60,7 @@ def measure(strategy: str, cache: bool, steps: int, batch_size: int) -> dict:
     from vqadapt.build import build_data, build_model, resolve_backbones
     from vqadapt.config import parse_run_config
     from vqadapt.evaluate import mean_loss, token_losses, weighted_loss
-    from vqadapt.train import epoch_batches, param_groups
+    from vqadapt.train import epoch_batches, make_optimizer
 
     argv = [
         *STRATEGIES[strategy],
@@ -83,7 +83,7 @@ def measure(strategy: str, cache: bool, steps: int, batch_size: int) -> dict:
     started = time.perf_counter()
     data = build_data(config, model, tokenizer, preprocessing, backbones, log=quiet)
     setup_seconds = time.perf_counter() - started
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 1e-3, 0.01))
+    optimizer = make_optimizer(model, 1e-3, 1e-3, 0.01)
     collate = data.collators["train"]
     batches = epoch_batches(len(data.encoded["train"]), batch_size, 0, 1)
 

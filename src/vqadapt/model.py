@@ -22,6 +22,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
+from vqadapt import cross_attention
 from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
 
 SPLITTABLE_TEXT_FAMILIES = ("mbart", "bart")
@@ -100,6 +101,7 @@ class VQAModel(nn.Module):
         )
         untie_decoder_embeddings(text)
         set_dropout(text.get_decoder(), dropout)
+        cross_attention.install(text)  # same outputs, fewer FLOPs for short answers
         # Number of leading text-encoder layers that never train: set by adapt.apply_adaptation.
         self.text_cache_layers = 0
         self.vision_frozen = True

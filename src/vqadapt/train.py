@@ -123,6 +123,12 @@ def param_groups(model, lr: float, vision_lr: float, weight_decay: float) -> lis
     ]
 
 
+def make_optimizer(model, lr: float, vision_lr: float, weight_decay: float):
+    """AdamW over the trainable parameters only (frozen ones get no state), fused: one kernel
+    over all tensors instead of a few per tensor (same update, the step costs less)."""
+    return torch.optim.AdamW(param_groups(model, lr, vision_lr, weight_decay), fused=True)
+
+
 class GradientMeter:
     """L2 norm of the gradients per tower and per text-encoder layer, averaged over an epoch."""
 
@@ -292,7 +298,7 @@ def _train(
 
     t = config.train
     vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, vision_lr, t.weight_decay))
+    optimizer = make_optimizer(model, t.lr, vision_lr, t.weight_decay)
     n_train = len(data.encoded["train"])
     steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
     total_steps = steps_per_epoch * t.epochs
