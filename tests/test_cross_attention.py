@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqadapt import cross_attention
-from vqadapt.evaluate import token_losses
+from vqadapt.losses import token_losses
 
 
 @pytest.fixture
@@ -85,3 +85,26 @@ def test_long_answers_fall_back_to_projecting(make_tiny_model, count_absorbed):
     with torch.no_grad():
         module(torch.randn(1, 20, 16), key_value_states=torch.randn(1, 9, 16))  # 2 x 20 > 16
     assert count_absorbed == []
+
+
+@pytest.mark.parametrize("family", ["mbart", "t5"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_losses_from_labelled_positions_only_equal_the_full_logits(
+    make_tiny_model, make_batch, family, label_smoothing
+):
+    """``return_losses`` runs the LM head on labelled positions only (BART layout): the same
+    per-sample losses and gradients as the cross-entropy of the full logits."""
+    model = make_tiny_model(family=family, dropout=0.0).eval()
+    batch = make_batch(model, batch_size=4)
+    assert (batch["labels"] == -100).any()  # padded answers: positions the head skips
+    full = token_losses(model(batch), batch["labels"], label_smoothing)
+    full.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    packed = model(batch, return_losses=True, label_smoothing=label_smoothing)
+    packed.sum().backward()
+    torch.testing.assert_close(packed, full, rtol=1e-5, atol=1e-6)
+    for name, grad in expected.items():
+        if name.endswith("encoder_attn.k_proj.bias"):
+            continue  # zero in exact arithmetic (see above)
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-7)

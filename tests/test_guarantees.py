@@ -89,19 +89,26 @@ def test_a_kill_between_the_checkpoint_renames_is_recovered(vqa_env, tmp_path):
     same_curves(metrics(straight), metrics(run))
 
 
-def nan_after(monkeypatch, calls: int) -> None:
-    """Make the training loss NaN from the ``calls``-th batch on."""
-    import vqadapt.train as train_module
+def nan_on(monkeypatch, poisoned) -> None:
+    """Make the training loss of the n-th training batch NaN where ``poisoned(n)``."""
+    from vqadapt.model import VQAModel
 
-    real = train_module.token_losses
+    real = VQAModel.forward
     seen = {"n": 0}
 
-    def losses(logits, labels, label_smoothing=0.0):
+    def forward(self, batch, return_losses=False, label_smoothing=0.0):
+        out = real(self, batch, return_losses, label_smoothing)
+        if not (self.training and return_losses):
+            return out
         seen["n"] += 1
-        out = real(logits, labels, label_smoothing)
-        return out * float("nan") if seen["n"] >= calls else out
+        return out * float("nan") if poisoned(seen["n"]) else out
 
-    monkeypatch.setattr(train_module, "token_losses", losses)
+    monkeypatch.setattr(VQAModel, "forward", forward)
+
+
+def nan_after(monkeypatch, calls: int) -> None:
+    """Make the training loss NaN from the ``calls``-th batch on."""
+    nan_on(monkeypatch, lambda n: n >= calls)
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(vqa_env, tmp_path, monkeypatch):
@@ -118,17 +125,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(vqa_env, tmp
 
 def test_non_finite_steps_can_be_skipped_and_are_counted(vqa_env, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    import vqadapt.train as train_module
-
-    real = train_module.token_losses
-    seen = {"n": 0}
-
-    def losses(logits, labels, label_smoothing=0.0):
-        seen["n"] += 1
-        out = real(logits, labels, label_smoothing)
-        return out * float("nan") if seen["n"] in (2, 5) else out
-
-    monkeypatch.setattr(train_module, "token_losses", losses)
+    nan_on(monkeypatch, lambda n: n in (2, 5))
     train(vqa_env.config(run, *SMALL, "--epochs", "1", "--on_nonfinite", "skip"), log=QUIET)
     rows = metrics(run)
     assert rows[0]["skipped_steps"] == 2

@@ -22,8 +22,9 @@ from vqadapt.build import build_data
 from vqadapt.config import RunConfig
 from vqadapt.data.pipeline import load_splits
 from vqadapt.errors import VQAConfigError
-from vqadapt.evaluate import answer_counts, token_losses, weighted_loss
+from vqadapt.evaluate import answer_counts
 from vqadapt.inference import load_run
+from vqadapt.losses import token_losses, weighted_loss
 from vqadapt.text import normalize
 from vqadapt.train import evaluate_split, train
 
@@ -489,3 +490,27 @@ def test_explicit_vision_learning_rate(vqa_env, tmp_path: Path) -> None:
     state = torch.load(out / "last" / "training_state.pt", weights_only=True)
     rates = sorted({g["initial_lr"] for g in state["optimizer"]["param_groups"]})
     assert rates == pytest.approx([2e-4, 1e-3])
+
+
+def test_length_grouped_batches_cover_every_question_once_with_less_padding() -> None:
+    from vqadapt.train import epoch_batches, length_grouped_batches
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 30, (1000,), generator=generator).tolist()
+
+    def padding(batches):
+        return sum(
+            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches
+        )
+
+    grouped = length_grouped_batches(lengths, 16, seed=0, epoch=1)
+    assert sorted(i for batch in grouped for i in batch) == list(range(1000))
+    assert grouped == length_grouped_batches(lengths, 16, seed=0, epoch=1)  # resumable
+    assert grouped != length_grouped_batches(lengths, 16, seed=0, epoch=2)
+    assert padding(grouped) < 0.2 * padding(epoch_batches(1000, 16, seed=0, epoch=1))
+
+
+def test_group_by_length_trains(vqa_env, tmp_path) -> None:
+    config = vqa_env.config(tmp_path / "run", *SMALL, "--group_by_length")
+    summary = train(config, log=lambda _: None)
+    assert summary["status"] == "success" and math.isfinite(summary["best_val_loss"])

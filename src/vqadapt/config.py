@@ -142,7 +142,19 @@ class TrainConfig:
     output_dir: str = field(default="runs/default", metadata={"help": "Run directory."})
     epochs: int = field(default=8, metadata={"help": "Maximum number of epochs."})
     batch_size: int = field(
-        default=32, metadata={"help": "Questions per optimiser step and process."}
+        default=32,
+        metadata={
+            "help": "Questions per micro-batch, over all processes (under accelerate launch "
+            "each process takes its share)."
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Length-aware batching: batches of questions of similar length (less "
+            "padding). Shuffled windows of 50 batches are sorted by length, then the batches "
+            "are shuffled: still random, not iid."
+        },
     )
     eval_batch_size: int = field(default=128, metadata={"help": "Questions per evaluation batch."})
     gradient_accumulation_steps: int = field(

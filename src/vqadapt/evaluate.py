@@ -8,32 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from vqadapt.data.records import VQARecord
 from vqadapt.io import atomic_write
 from vqadapt.metrics import breakdown, exact_match, f1, f1_set, score_predictions
 from vqadapt.text import normalize
-
-
-def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Per-sample mean token cross-entropy, shape (B,)."""
-    per_token = nn.functional.cross_entropy(
-        logits.float().flatten(0, 1),
-        labels.flatten(),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-        reduction="none",
-    ).view(labels.shape)
-    counts = (labels != -100).sum(dim=1).clamp(min=1)
-    return per_token.sum(dim=1) / counts
-
-
-def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-answer weighted mean: sum_i w_i * l_i / sum_i w_i (weights all 1 -> the plain mean)."""
-    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 class AnswerTrie:
@@ -92,7 +71,7 @@ def summed_loss(model, collator, indices: Sequence[int], batch_size: int) -> flo
     order = list(indices)
     for start in range(0, len(order), batch_size):
         batch = collator(order[start : start + batch_size])
-        total += token_losses(model(batch), batch["labels"]).sum().item()
+        total += model(batch, return_losses=True).sum().item()
     return total
 
 

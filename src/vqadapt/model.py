@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from vqadapt import cross_attention
 from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
+from vqadapt.losses import token_losses
 
 SPLITTABLE_TEXT_FAMILIES = ("mbart", "bart")
 
@@ -211,17 +212,39 @@ class VQAModel(nn.Module):
         image_mask = mask.new_ones(mask.shape[0], image_tokens.shape[1])
         return states, torch.cat([mask, image_mask], dim=1)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Decoder logits for teacher-forced ``decoder_input_ids``."""
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        return_losses: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Decoder logits (B, T, V) for teacher-forced ``decoder_input_ids``; with
+        ``return_losses``, the per-sample mean token cross-entropy against ``labels`` (B,)."""
         states, mask = self.encode(batch)
-        out = self.text(
+        inputs = dict(
             encoder_outputs=BaseModelOutput(last_hidden_state=states),
             attention_mask=mask,
             decoder_input_ids=batch["decoder_input_ids"],
             decoder_attention_mask=batch.get("decoder_attention_mask"),
             use_cache=False,
         )
-        return out.logits
+        if not return_losses:
+            return self.text(**inputs).logits
+        labels = batch["labels"]
+        if self.text.config.model_type not in SPLITTABLE_TEXT_FAMILIES:
+            logits = self.text(**inputs).logits
+            return token_losses(logits, labels, label_smoothing)
+        # BART layout: the LM head only where there is a label (answers are short and padded
+        # to the longest in the batch; the head's V x d matmul is the decoder's largest).
+        hidden = self.text.model(**inputs).last_hidden_state
+        keep = labels != -100
+        logits = self.text.lm_head(hidden[keep]) + self.text.final_logits_bias
+        per_token = nn.functional.cross_entropy(
+            logits.float(), labels[keep], label_smoothing=label_smoothing, reduction="none"
+        )
+        rows = keep.nonzero()[:, 0]
+        sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+        return sums / keep.sum(dim=1).clamp(min=1)
 
     @torch.no_grad()
     def generate(

@@ -47,11 +47,10 @@ from vqadapt.evaluate import (
     predict,
     score,
     summed_loss,
-    token_losses,
-    weighted_loss,
     write_predictions,
 )
 from vqadapt.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from vqadapt.losses import weighted_loss
 
 NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
 
@@ -218,6 +217,22 @@ def make_accelerator(mixed_precision: str):
     return accelerator
 
 
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50
+) -> list[list[int]]:
+    """Batches of similar lengths (``--group_by_length``), a function of (seed, epoch) only:
+    the epoch's shuffled order is cut into windows of ``window`` batches, each window sorted by
+    length (longest first) and cut into batches, and the batches are shuffled."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def process_share(indices: list[int], rank: int, world: int) -> list[int]:
     """This process's contiguous share of ``indices`` (the shares of all ranks, in rank
     order, are ``indices`` again: nothing dropped, nothing duplicated)."""
@@ -300,6 +315,8 @@ def _train(
     vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
     optimizer = make_optimizer(model, t.lr, vision_lr, t.weight_decay)
     n_train = len(data.encoded["train"])
+    encoded = data.encoded["train"]
+    lengths = [len(q) + len(a) for q, a in zip(encoded.input_ids, encoded.label_ids, strict=True)]
     steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
     total_steps = steps_per_epoch * t.epochs
     scheduler = get_scheduler(
@@ -347,7 +364,10 @@ def _train(
         meter.reset()
         step_losses: list[float] = []
         skipped_steps, nonfinite = 0, False
-        batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
+        if t.group_by_length:
+            batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
+        else:
+            batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
         progress = _progress(batches, f"epoch {epoch}/{t.epochs}", t.progress and main)
         for micro, indices in enumerate(progress):
             last_micro = micro == len(batches) - 1
@@ -361,8 +381,7 @@ def _train(
             # Gradients are all-reduced only on the micro-batch that ends an accumulation.
             with contextlib.nullcontext() if sync_step else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    logits = model(batch)
-                per_sample = token_losses(logits, batch["labels"], t.label_smoothing)
+                    per_sample = model(batch, return_losses=True, label_smoothing=t.label_smoothing)
                 if world == 1:
                     loss = weighted_loss(per_sample, batch["weights"])
                     loss_value = loss.item()
