@@ -1,0 +1,33 @@
+"""The benchmark scripts run (tiny shapes, a few steps): they are measurements, not tests, but
+they must not rot between the sessions that have the machines to run them at full size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_speed_script_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "gpu_speed.json"
+    command = [sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--device", "cpu"]
+    command += ["--steps", "1", "--batch_size", "4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(row["strategy"], row["cache"]) for row in result["rows"]}
+    assert len(rows) == 11  # six strategies, cache on and off (vision + text LoRA: off only)
+    for row in result["rows"]:
+        assert row["samples_per_s"] > 0 and row["flops_per_step"] > 0
+        assert 0 < row["trainable_params"] < row["total_params"]
+    cached = {row["strategy"]: row["flops_per_step"] for row in result["rows"] if row["cache"]}
+    plain = {row["strategy"]: row["flops_per_step"] for row in result["rows"] if not row["cache"]}
+    assert cached["baseline"] < plain["baseline"]  # the cache removes the frozen towers' work
