@@ -174,3 +174,18 @@ def test_only_the_main_process_writes_and_speaks(runs):
     assert state["status"] == "success"
     leftovers = [p.name for p in two.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_early_stopping_is_decided_alike_by_both_processes(vqa_env, tmp_path):
+    """Validation metrics are gathered before the decision, so both processes stop after the
+    same epoch (a process that went on alone would hang at the next collective)."""
+    stop = [*FLAGS, "--epochs", "4", "--early_stopping_metric", "val_em"]
+    stop += ["--early_stopping_patience", "1"]
+    _train_one(vqa_env.argv(tmp_path / "one", *stop))
+    _train_two(vqa_env.argv(tmp_path / "two", *stop))
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["stopped_early"] and one["epochs_run"] < 4  # the tiny run's val EM stalls
+    assert (two["epochs_run"], two["best_epoch"]) == (one["epochs_run"], one["best_epoch"])
+    assert len(_lines(tmp_path / "two" / "metrics.jsonl")) == two["epochs_run"]
