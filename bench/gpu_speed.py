@@ -16,20 +16,15 @@ large bf16 matmul measured in the same run).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
-STRATEGIES = {
-    "baseline": {},
-    "unfreeze3": {"unfreeze_encoder_layers": 3},
-    "lora_r8": {"use_text_lora": True, "text_lora_r": 8, "text_lora_alpha": 16.0},
-    "lora_r16": {"use_text_lora": True, "text_lora_r": 16, "text_lora_alpha": 32.0},
-    "lora_r32": {"use_text_lora": True, "text_lora_r": 32, "text_lora_alpha": 64.0},
-    "vision_text_lora": {"use_vision_lora": True, "use_text_lora": True, "text_lora_r": 16},
-}
+# The six seed strategies as the CPU benchmark's flags: one list for both benchmarks (this
+# script's folder is on sys.path when it runs).
+from train_speed import STRATEGIES
+from vqadapt.io import atomic_write_json
+
 # Dense bf16 tensor-core peaks (TFLOP/s) from the datasheets (SXM parts).
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 REAL = {
@@ -94,14 +89,14 @@ def build(shapes: dict, strategy: str, device: torch.device):
     from transformers import Dinov2Config, Dinov2Model, MBartConfig, MBartForConditionalGeneration
 
     from vqadapt.adapt import apply_adaptation
-    from vqadapt.config import AdaptConfig
+    from vqadapt.config import parse_run_config
     from vqadapt.model import VQAModel
 
     torch.manual_seed(0)
     vision = Dinov2Model(Dinov2Config(patch_size=14, **shapes["vision"]))
     text = MBartForConditionalGeneration(MBartConfig(**shapes["text"]))
     model = VQAModel(vision, text, dropout=0.1)
-    plan = apply_adaptation(model, AdaptConfig(**STRATEGIES[strategy]))
+    plan = apply_adaptation(model, parse_run_config(STRATEGIES[strategy]).adapt)
     return model.to(device), plan
 
 
@@ -214,10 +209,7 @@ def main() -> None:
         "shapes": "tiny" if args.tiny else "real",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"written: {out}")
+    print(f"written: {atomic_write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vqadapt.io import atomic_write_json
+
 STRATEGIES = {
     "baseline": [],
     "unfreeze3": ["--unfreeze_encoder_layers", "3"],
@@ -240,10 +242,7 @@ def main() -> None:
         print(
             f"\nquick ablation: {cached:.0f} s cached, {plain:.0f} s uncached: {plain / cached:.2f}x"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {atomic_write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from vqadapt.adapt import apply_adaptation
 from vqadapt.checkpoint import save_checkpoint
 from vqadapt.config import AdaptConfig
+from vqadapt.demo.browser import free_port
 from vqadapt.errors import VQATrainingError
 from vqadapt.train import process_share
 
@@ -64,16 +64,10 @@ def _train_one(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _train_two(argv: list[str], config_file: Path | None = None) -> str:
     """``accelerate launch`` two processes: the README's flags, or a shipped config file."""
     launcher = Path(sys.executable).parent / "accelerate"
-    command = [str(launcher), "launch", "--main_process_port", str(_free_port())]
+    command = [str(launcher), "launch", "--main_process_port", str(free_port())]
     if config_file is None:
         command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
         command += ["--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -50,7 +50,6 @@ from vqadapt.evaluate import (
     write_predictions,
 )
 from vqadapt.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from vqadapt.losses import weighted_loss
 
 NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
 
@@ -315,8 +314,10 @@ def _train(
     vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
     optimizer = make_optimizer(model, t.lr, vision_lr, t.weight_decay)
     n_train = len(data.encoded["train"])
-    encoded = data.encoded["train"]
-    lengths = [len(q) + len(a) for q, a in zip(encoded.input_ids, encoded.label_ids, strict=True)]
+    if t.group_by_length:
+        encoded = data.encoded["train"]
+        pairs = zip(encoded.input_ids, encoded.label_ids, strict=True)
+        lengths = [len(question) + len(answer) for question, answer in pairs]
     steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
     total_steps = steps_per_epoch * t.epochs
     scheduler = get_scheduler(
@@ -382,13 +383,7 @@ def _train(
             with contextlib.nullcontext() if sync_step else accelerator.no_sync(model):
                 with accelerator.autocast():
                     per_sample = model(batch, return_losses=True, label_smoothing=t.label_smoothing)
-                if world == 1:
-                    loss = weighted_loss(per_sample, batch["weights"])
-                    loss_value = loss.item()
-                else:
-                    loss, loss_value = global_weighted_loss(
-                        per_sample, batch["weights"], accelerator
-                    )
+                loss, loss_value = global_weighted_loss(per_sample, batch["weights"], accelerator)
                 accelerator.backward(loss / t.gradient_accumulation_steps)
             nonfinite = nonfinite or not math.isfinite(loss_value)
             if math.isfinite(loss_value):
@@ -632,7 +627,8 @@ def global_weighted_loss(
 
     DDP averages gradients over the processes, so this process's loss is its share of the
     numerator over the *global* weight sum, times the number of processes: the gradient is
-    then exactly that of ``weighted_loss`` over the whole batch in one process.
+    then exactly that of ``weighted_loss`` over the whole batch in one process (with one
+    process, the reduction is the identity and this is ``weighted_loss``).
     Returns (loss to backpropagate, global loss value for logging)."""
     numerator = (per_sample * weights).sum()
     totals = accelerator.reduce(torch.stack([numerator.detach(), weights.sum()]), "sum")
