@@ -19,12 +19,13 @@ STRATEGIES = {
     "text_lora": ["--use_text_lora"],
     "vision_text_lora": ["--use_vision_lora", "--use_text_lora"],
 }
-# What the cached build is expected to take from the cache, per strategy.
+# What the cached build is expected to take from the cache, per strategy: where the vision
+# tokens come from, and how many text-encoder layers are cached.
 CACHED = {
-    "baseline": (True, 12),
-    "unfreeze3": (True, 9),
-    "text_lora": (True, 0),
-    "vision_text_lora": (False, 0),
+    "baseline": ("vision_features", 12),
+    "unfreeze3": ("vision_features", 9),
+    "text_lora": ("vision_features", 0),
+    "vision_text_lora": ("vision_embeddings", 0),  # the frozen patch embeddings only
 }
 EVAL_BATCH = 16
 
@@ -59,7 +60,6 @@ def evaluate_built(env, tmp_path: Path, extra: list[str], cache: bool) -> dict:
         "loss": mean_loss(model, collator, n, EVAL_BATCH),
         "predictions": predict(model, collator, n, tokenizer, EVAL_BATCH, 8),
         "states": torch.cat(states),
-        "uses_vision_cache": data.features.vision_features is not None,
         "text_prefix_layers": plan.text_cache_layers if data.features.text_prefix else 0,
         "batch_keys": set(collator([0, 1])),
         "logs": logs,
@@ -71,11 +71,12 @@ def test_cached_and_uncached_agree(vqa_env, tmp_path: Path, name: str) -> None:
     cached = evaluate_built(vqa_env, tmp_path, STRATEGIES[name], cache=True)
     plain = evaluate_built(vqa_env, tmp_path, STRATEGIES[name], cache=False)
     # the two builds really take different paths
-    assert (cached["uses_vision_cache"], cached["text_prefix_layers"]) == CACHED[name]
-    assert (plain["uses_vision_cache"], plain["text_prefix_layers"]) == (False, 0)
-    assert ("vision_features" in cached["batch_keys"]) == CACHED[name][0]
+    vision_keys = {"vision_features", "vision_embeddings", "pixel_values"}
+    assert cached["batch_keys"] & vision_keys == {CACHED[name][0]}
+    assert cached["text_prefix_layers"] == CACHED[name][1]
     assert ("text_prefix" in cached["batch_keys"]) == (CACHED[name][1] > 0)
-    assert "pixel_values" in plain["batch_keys"] and "text_prefix" not in plain["batch_keys"]
+    assert plain["batch_keys"] & vision_keys == {"pixel_values"}
+    assert plain["text_prefix_layers"] == 0 and "text_prefix" not in plain["batch_keys"]
 
     torch.testing.assert_close(cached["states"], plain["states"], rtol=0, atol=1e-5)
     assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-5)

@@ -259,6 +259,25 @@ def fill_caches(
             log,
         )
         features.vision_features = tensors["features"]
+    elif model.vision_splittable and images.paths:
+        key = cache_key(
+            kind="vision_embeddings",
+            weights=weights_digest(model.vision.embeddings),
+            preprocessing=preprocessing.to_dict(),
+            images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
+        )
+        log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
+        tensors = cached_or_compute(
+            folder / f"vision-embeddings-{key}.safetensors",
+            key,
+            lambda: {
+                "embeddings": vision_features(
+                    model, images.pixels(), preprocessing, embeddings_only=True
+                )
+            },
+            log,
+        )
+        features.vision_embeddings = tensors["embeddings"]
     layers = model.text_cache_layers
     if layers > 0 and (model.splittable or layers == model.text_layout.num_layers):
         encoder_digest = weights_digest(model.text_encoder)

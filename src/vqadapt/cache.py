@@ -92,16 +92,18 @@ def cached_or_compute(
 
 @torch.no_grad()
 def vision_features(
-    model, pixels: torch.Tensor, preprocessing, batch_size: int = 64
+    model, pixels: torch.Tensor, preprocessing, batch_size: int = 64, embeddings_only=False
 ) -> torch.Tensor:
-    """Frozen vision tokens for every image (eval mode)."""
-    was_training = model.vision.training
-    model.vision.eval()
+    """Frozen vision tokens for every image (eval mode); with ``embeddings_only``, the frozen
+    patch + position embeddings the trainable layers start from (vision LoRA)."""
+    was_training = model.training
+    model.eval()
+    run = model.embed_image if embeddings_only else model.encode_image
     chunks = []
     for start in range(0, len(pixels), batch_size):
         chunk = preprocessing.normalise(pixels[start : start + batch_size])
-        chunks.append(model.encode_image(chunk).float())
-    model.vision.train(was_training)
+        chunks.append(run(chunk).float())
+    model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 

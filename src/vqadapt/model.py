@@ -10,7 +10,8 @@ projected image tokens (CLS + patches) + marker(image)]: no learned query tokens
 The text encoder runs in two pieces so that a frozen prefix can be cached:
 ``encode_text_prefix`` (embeddings + the first ``text_cache_layers`` layers, which never train)
 and ``encode_text_suffix`` (the remaining layers + final norm). The uncached path calls both in
-sequence, so cached and uncached runs compute the same function.
+sequence, so cached and uncached runs compute the same function. For MBart both run on the
+real tokens only (``packed.py``), with zeros at padded positions.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
-from vqadapt import cross_attention
+from vqadapt import cross_attention, packed
+from vqadapt import dropout as fast_dropout
 from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
 from vqadapt.losses import token_losses
 
 SPLITTABLE_TEXT_FAMILIES = ("mbart", "bart")
+PACKED_TEXT_FAMILIES = ("mbart",)
+SPLITTABLE_VISION = ("dinov2", "dinov2_with_registers")
 
 
 class Projector(nn.Module):
@@ -38,7 +42,7 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(vision_hidden, d_model)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = fast_dropout.Dropout(dropout)
         self.modality = nn.Embedding(2, d_model)  # 0: text token, 1: image token
         nn.init.normal_(self.modality.weight, std=0.02)
 
@@ -122,6 +126,12 @@ class VQAModel(nn.Module):
     def splittable(self) -> bool:
         return self.text_layout.family in SPLITTABLE_TEXT_FAMILIES
 
+    @property
+    def packed(self) -> bool:
+        """Whether the text encoder runs on real tokens only (``packed.py``): MBart's pre-norm
+        layers; BART's post-norm ones keep the padded library layers."""
+        return self.text_layout.family in PACKED_TEXT_FAMILIES
+
     def text_encoder_layers(self) -> nn.ModuleList:
         return get_submodule(self.text, self.text_layout.layers_path)
 
@@ -134,6 +144,8 @@ class VQAModel(nn.Module):
         super().train(mode)
         if self.vision is not None and self.vision_frozen:
             self.vision.eval()
+        elif self.vision_splittable:
+            self.vision.embeddings.eval()  # never trained (cached with vision LoRA)
         if self.text_cache_layers == self.text_layout.num_layers:
             self.text_encoder.eval()  # all of it, embeddings and final dropout included (T5)
         for layer in list(self.text_encoder_layers())[: self.text_cache_layers]:
@@ -158,10 +170,19 @@ class VQAModel(nn.Module):
             return input_ids  # suffix runs the whole encoder (no split for this family)
         embeds = encoder.embed_tokens(input_ids)
         hidden = embeds + encoder.embed_positions(embeds[:, :, -1]).to(embeds.device)
-        hidden = encoder.layernorm_embedding(hidden)
         # The embeddings never train: no dropout on them (frozen parts run in eval mode).
+        layers = list(encoder.layers)[: self.text_cache_layers]
+        if self.packed:
+            packing = packed.Packing.of(attention_mask)
+            hidden = encoder.layernorm_embedding(packing.gather(hidden))
+            for layer in layers:
+                hidden = packed.encoder_layer(layer, hidden, packing)
+            if self.text_cache_layers == num_layers:
+                hidden = self._final_norm(hidden)
+            return packing.scatter(hidden)
+        hidden = encoder.layernorm_embedding(hidden)
         mask = self._encoder_mask(hidden, attention_mask)
-        for layer in list(encoder.layers)[: self.text_cache_layers]:
+        for layer in layers:
             hidden = layer(hidden, mask)
         if self.text_cache_layers == num_layers:
             hidden = self._final_norm(hidden)
@@ -176,9 +197,16 @@ class VQAModel(nn.Module):
             return prefix
         if not self.splittable:
             return encoder(input_ids=prefix, attention_mask=attention_mask).last_hidden_state
+        layers = list(encoder.layers)[self.text_cache_layers :]
+        if self.packed:
+            packing = packed.Packing.of(attention_mask)
+            hidden = packing.gather(prefix)
+            for layer in layers:
+                hidden = packed.encoder_layer(layer, hidden, packing)
+            return packing.scatter(self._final_norm(hidden))
         mask = self._encoder_mask(prefix, attention_mask)
         hidden = prefix
-        for layer in list(encoder.layers)[self.text_cache_layers :]:
+        for layer in layers:
             hidden = layer(hidden, mask)
         return self._final_norm(hidden)
 
@@ -187,10 +215,28 @@ class VQAModel(nn.Module):
         return norm(hidden) if norm is not None else hidden
 
     # -- vision --------------------------------------------------------------------------
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tokens (CLS + patches) before the projector (what the cache stores)."""
+    @property
+    def vision_splittable(self) -> bool:
+        """Whether the vision tower's embeddings can run apart from its layers (DINOv2)."""
+        return self.vision is not None and self.vision.config.model_type in SPLITTABLE_VISION
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + position embeddings: never trained, so cached when the layers train (vision
+        LoRA) and only the layers run each step."""
+        assert self.vision_splittable
+        return self.vision.embeddings(pixel_values)
+
+    def encode_image(
+        self, pixel_values: torch.Tensor | None = None, embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vision tokens (CLS + patches) before the projector (what the cache stores), from
+        pixels or from cached embeddings (``Dinov2Model.forward`` in two pieces)."""
         assert self.vision is not None
-        return self.vision(pixel_values=pixel_values).last_hidden_state
+        if not self.vision_splittable:
+            return self.vision(pixel_values=pixel_values).last_hidden_state
+        if embeddings is None:
+            embeddings = self.embed_image(pixel_values)
+        return self.vision.layernorm(self.vision.encoder(embeddings).last_hidden_state)
 
     # -- fusion --------------------------------------------------------------------------
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +250,9 @@ class VQAModel(nn.Module):
             return text_states, mask
         features = batch.get("vision_features")
         if features is None:
-            features = self.encode_image(batch["pixel_values"])
+            features = self.encode_image(
+                batch.get("pixel_values"), embeddings=batch.get("vision_embeddings")
+            )
         features = features.to(text_states.dtype)
         image_tokens = self.projector(features) + self.projector.modality.weight[1]
         text_states = text_states + self.projector.modality.weight[0]

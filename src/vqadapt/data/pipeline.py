@@ -177,6 +177,7 @@ class FeatureSources:
     """What a batch can take from caches instead of computing: filled in by ``cache.py``."""
 
     vision_features: torch.Tensor | None = None  # (num_images, tokens, hidden)
+    vision_embeddings: torch.Tensor | None = None  # (num_images, tokens, hidden): vision LoRA
     text_prefix: dict[str, list[torch.Tensor]] = field(
         default_factory=dict
     )  # split -> per question
@@ -231,6 +232,8 @@ class Collator:
             slots = torch.tensor([enc.image_slots[i] for i in indices])
             if self.features.vision_features is not None:
                 batch["vision_features"] = self.features.vision_features[slots]
+            elif self.features.vision_embeddings is not None:
+                batch["vision_embeddings"] = self.features.vision_embeddings[slots]
             else:
                 batch["pixel_values"] = self.preprocessing.normalise(self.images.pixels()[slots])
         return batch
