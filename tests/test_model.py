@@ -167,9 +167,12 @@ def test_fusion_concatenates_text_and_image_tokens(make_tiny_model, make_batch) 
         states, mask = model.encode(batch)
         image_tokens = 1 + (28 // 14) ** 2  # CLS + patches
         length = batch["input_ids"].shape[1]
-        assert states.shape == (3, length + image_tokens, model.text.config.d_model)
+        keys = -(-(length + image_tokens) // 16) * 16  # masked zeros up to a multiple of 16
+        assert states.shape == (3, keys, model.text.config.d_model)
         assert torch.equal(mask[:, :length], batch["attention_mask"])
-        assert (mask[:, length:] == 1).all()
+        assert (mask[:, length : length + image_tokens] == 1).all()
+        assert (mask[:, length + image_tokens :] == 0).all()
+        assert (states[:, length + image_tokens :] == 0).all()
         # cached vision features give the same states as pixels
         features = model.encode_image(batch["pixel_values"])
         cached = {k: v for k, v in batch.items() if k != "pixel_values"}

@@ -75,3 +75,65 @@ def test_packed_encoder_trains_with_dropout_on_real_tokens(make_tiny_model, make
     assert not torch.equal(first[keep], second[keep])  # the trainable layers drop out
     # ... around the same function: dropout noise, not a different computation
     assert (first[keep] - plain[keep]).abs().mean() < plain[keep].abs().mean()
+
+
+@pytest.mark.parametrize("absorbed", [True, False], ids=["absorbed", "library_cross_attention"])
+def test_teacher_forced_decoder_equals_the_library(
+    make_tiny_model, make_batch, monkeypatch, absorbed: bool
+) -> None:
+    from vqadapt import cross_attention, decoder
+
+    monkeypatch.setattr(cross_attention, "ENABLED", absorbed)
+    model = make_tiny_model()
+    apply_adaptation(model, AdaptConfig(use_text_lora=True, text_lora_r=4))
+    model.eval()
+    batch = make_batch(model, batch_size=4)
+    losses, grads = {}, {}
+    for lean in (True, False):
+        monkeypatch.setattr(decoder, "usable", lambda _, lean=lean: lean)
+        model.zero_grad(set_to_none=True)
+        per_sample = model(batch, return_losses=True)
+        per_sample.sum().backward()
+        losses[lean] = per_sample.detach()
+        grads[lean] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_forced_decoder_is_used_for_mbart_only(make_tiny_model) -> None:
+    from vqadapt import decoder
+
+    assert decoder.usable(make_tiny_model("mbart").text.get_decoder())
+    assert not decoder.usable(make_tiny_model("t5").text.get_decoder())
+    layerdrop = make_tiny_model("mbart", decoder_layerdrop=0.1).text.get_decoder().train()
+    assert not decoder.usable(layerdrop)
+
+
+def test_fused_lora_projections_drop_out_each_input_apart(make_tiny_model) -> None:
+    from vqadapt.packed import query_key_value
+
+    model = make_tiny_model()
+    apply_adaptation(model, AdaptConfig(use_text_lora=True, text_lora_r=4, text_lora_dropout=0.5))
+    model.train()
+    attention = model.text_encoder_layers()[0].self_attn
+    down = attention.q_proj.lora_A["default"].weight
+    with torch.no_grad():  # three identical adapters: only their dropout masks can differ
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(attention, name).lora_A["default"].weight.copy_(down)
+            getattr(attention, name).lora_B["default"].weight.fill_(1.0)
+    hidden = torch.ones(4096, model.text.config.d_model)
+    with torch.no_grad():
+        fused = query_key_value(attention, hidden)
+        one_by_one = [getattr(attention, n)(hidden) for n in ("q_proj", "k_proj", "v_proj")]
+        model.eval()
+        plain = query_key_value(attention, hidden)
+    deltas = [out - base for out, base in zip(fused, plain, strict=True)]
+    assert all(d.abs().sum() > 0 for d in deltas)  # dropout changed every projection ...
+    assert not torch.allclose(deltas[0], deltas[1], atol=1e-3)  # not one shared mask
+    assert not torch.allclose(deltas[1], deltas[2], atol=1e-3)
+    # ... by an amount like peft's own modules' (same rate, independent masks)
+    for fast, peft_out, base in zip(deltas, one_by_one, plain, strict=True):
+        expected = (peft_out - base).abs().mean().item()
+        assert fast.abs().mean().item() == pytest.approx(expected, rel=0.1)

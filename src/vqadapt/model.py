@@ -23,7 +23,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
-from vqadapt import cross_attention, packed
+from vqadapt import cross_attention, decoder, packed
 from vqadapt import dropout as fast_dropout
 from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
 from vqadapt.losses import token_losses
@@ -256,9 +256,15 @@ class VQAModel(nn.Module):
         features = features.to(text_states.dtype)
         image_tokens = self.projector(features) + self.projector.modality.weight[1]
         text_states = text_states + self.projector.modality.weight[0]
-        states = torch.cat([text_states, image_tokens], dim=1)
-        image_mask = mask.new_ones(mask.shape[0], image_tokens.shape[1])
-        return states, torch.cat([mask, image_mask], dim=1)
+        # Masked zero states round the key count up to a multiple of packed.GRID_MULTIPLE:
+        # the decoder's cross-attention softmax then takes the CPU's fast path (its result is
+        # unchanged: masked keys get probability 0).
+        batch_size, count = mask.shape[0], text_states.shape[1] + image_tokens.shape[1]
+        extra = -count % packed.GRID_MULTIPLE
+        filler = text_states.new_zeros(batch_size, extra, text_states.shape[-1])
+        states = torch.cat([text_states, image_tokens, filler], dim=1)
+        image_mask = mask.new_ones(batch_size, image_tokens.shape[1])
+        return states, torch.cat([mask, image_mask, mask.new_zeros(batch_size, extra)], dim=1)
 
     def forward(
         self,
@@ -284,7 +290,11 @@ class VQAModel(nn.Module):
             return token_losses(logits, labels, label_smoothing)
         # BART layout: the LM head only where there is a label (answers are short and padded
         # to the longest in the batch; the head's V x d matmul is the decoder's largest).
-        hidden = self.text.model(**inputs).last_hidden_state
+        text_decoder = self.text.get_decoder()
+        if decoder.usable(text_decoder) and inputs["decoder_attention_mask"] is None:
+            hidden = decoder.teacher_forced(text_decoder, inputs["decoder_input_ids"], states, mask)
+        else:
+            hidden = self.text.model(**inputs).last_hidden_state
         keep = labels != -100
         logits = self.text.lm_head(hidden[keep]) + self.text.final_logits_bias
         per_token = nn.functional.cross_entropy(

@@ -62,6 +62,64 @@ class Packing:
         return grid.index_copy(0, self.index, packed).view(self.batch, self.length, -1)
 
 
+def _vanilla_lora(module: nn.Module) -> str | None:
+    """The adapter name of a peft LoRA ``Linear`` with one plain adapter, active and unmerged
+    (no DoRA or other variant, no LoRA bias); None for anything else."""
+    names = list(getattr(module, "lora_A", {}))
+    if len(names) != 1 or type(getattr(module, "base_layer", None)) is not nn.Linear:
+        return None
+    name = names[0]
+    plain = (
+        not module.merged
+        and not module.disable_adapters
+        and list(module.active_adapters) == [name]
+        and not module.lora_variant
+        and module.lora_B[name].bias is None
+    )
+    return name if plain else None
+
+
+def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """``q_proj``, ``k_proj`` and ``v_proj`` of ``hidden`` in as few kernels as possible.
+
+    The three frozen or trainable base projections run as one (d -> 3d) matmul; with LoRA on
+    all three, their A and B products run as two batched matmuls over the three, each on its
+    own dropout mask of the input, as peft's three modules do. Anything else (a merged or
+    DoRA adapter, other wrappers) runs module by module.
+    """
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if all(type(projection) is nn.Linear for projection in projections):
+        bases, adapters = projections, None
+    else:
+        adapters = [_vanilla_lora(projection) for projection in projections]
+        if None in adapters:
+            return [projection(hidden) for projection in projections]
+        bases = [projection.base_layer for projection in projections]
+    biases = [base.bias for base in bases]
+    bias = None if biases[0] is None else torch.cat(biases)
+    if (bias is None) != all(b is None for b in biases):
+        return [projection(hidden) for projection in projections]
+    fused = F.linear(hidden, torch.cat([base.weight for base in bases]), bias)  # (N, 3d)
+    if adapters is not None:
+        loras = list(zip(projections, adapters, strict=True))
+        drops = [p.lora_dropout[a] for p, a in loras]
+        rates = {_dropout_rate(drop) for drop in drops}
+        inputs = hidden.unsqueeze(0).expand(3, *hidden.shape)
+        if len(rates) == 1:
+            inputs = dropout(inputs, rates.pop(), drops[0].training)
+        else:
+            inputs = torch.stack([drop(hidden) for drop in drops])
+        down = torch.stack([p.lora_A[a].weight for p, a in loras])
+        up = torch.stack([p.lora_B[a].weight * p.scaling[a] for p, a in loras])
+        delta = torch.bmm(torch.bmm(inputs, down.transpose(1, 2)), up.transpose(1, 2))
+        fused = fused + delta.transpose(0, 1).reshape(fused.shape)
+    return list(fused.split([base.out_features for base in bases], dim=-1))
+
+
+def _dropout_rate(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else 0.0
+
+
 def self_attention(attention: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """A BART-layout ``*Attention`` module on packed states (N, d) -> (N, d)."""
     heads, head_dim = attention.num_heads, attention.head_dim
@@ -72,9 +130,7 @@ def self_attention(attention: nn.Module, hidden: torch.Tensor, packing: Packing)
         grid = states.new_zeros(rows, states.shape[-1]).index_copy(0, packing.grid_index, states)
         return grid.view(packing.batch, length, heads, head_dim).transpose(1, 2)
 
-    query = heads_first(attention.q_proj(hidden))
-    key = heads_first(attention.k_proj(hidden))
-    value = heads_first(attention.v_proj(hidden))
+    query, key, value = (heads_first(states) for states in query_key_value(attention, hidden))
     mixed = F.scaled_dot_product_attention(
         query,
         key,

@@ -197,12 +197,13 @@ def _decoder_attention(
     targets = sequence[1:]
     words = ~torch.isin(targets, torch.tensor(sorted(tokenizer.all_special_ids)))
     rows = words if bool(words.any()) else torch.ones_like(words)  # an empty answer: all
-    mean = weights[:, :, rows].mean(dim=(0, 1, 2))  # (source,)
+    # (source,), real positions only: VQAModel.encode pads the keys with masked zeros
+    mean = weights[:, :, rows].mean(dim=(0, 1, 2))[mask[0].bool()]
     height, width = batch["pixel_values"].shape[-2:]
     patch = model.vision.config.patch_size
     grid = (height // patch, width // patch)
     num_patches = grid[0] * grid[1]
-    text_tokens = batch["attention_mask"].shape[1]  # VQAModel.encode: [text ; CLS ; patches]
+    text_tokens = int(batch["attention_mask"][0].sum())  # VQAModel.encode: [text ; CLS ; patches]
     return AttentionMap(
         patches=mean[-num_patches:].reshape(grid).double().numpy(),
         text_share=float(mean[:text_tokens].sum()),

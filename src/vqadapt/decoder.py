@@ -1,0 +1,75 @@
+"""The MBart decoder for teacher-forced passes (training, validation loss), without the library's
+per-call machinery.
+
+``MBartDecoder.forward`` builds a key / value cache object, causal and cross-attention masks
+and output records on every call; a teacher-forced pass needs none of them (no cache, a causal
+self-attention, one padding mask over the encoder states). This runs the same modules in the
+library's order (``MBartDecoder.forward`` / ``MBartDecoderLayer.forward``): token and position
+embeddings, then per layer causal self-attention, cross-attention (the absorbed path of
+``cross_attention.py``) and the feed-forward block, with vqadapt's dropout (``dropout.py``).
+Hidden states equal the library's up to float rounding (``tests/test_packed.py``). Generation
+keeps the library's decoder and its key / value cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vqadapt.dropout import dropout
+
+
+def usable(decoder: nn.Module) -> bool:
+    """MBart's pre-norm decoder without LayerDrop (which skips layers at random)."""
+    return decoder.config.model_type == "mbart" and not (decoder.training and decoder.layerdrop > 0)
+
+
+def _causal_self_attention(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    batch, length, _ = hidden.shape
+    shape = (batch, length, attention.num_heads, attention.head_dim)
+    query, key, value = (
+        proj(hidden).view(shape).transpose(1, 2)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    mixed = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        is_causal=True,
+        dropout_p=attention.dropout if attention.training else 0.0,
+        scale=attention.scaling,
+    )
+    return attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
+
+
+def teacher_forced(
+    decoder: nn.Module,
+    input_ids: torch.Tensor,
+    states: torch.Tensor,
+    states_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Final decoder hidden states (B, T, d) for ``input_ids`` (B, T) attending to ``states``
+    (B, N, d) where ``states_mask`` (B, N) is 1."""
+    embeds = decoder.embed_tokens(input_ids)
+    hidden = embeds + decoder.embed_positions(input_ids, 0).to(embeds.device)
+    hidden = decoder.layernorm_embedding(hidden)
+    hidden = dropout(hidden, decoder.dropout, decoder.training)
+    keys = states_mask.bool()[:, None, None, :]
+    for layer in decoder.layers:
+        drop = layer.dropout if layer.training else 0.0
+        residual = hidden
+        hidden = _causal_self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden))
+        hidden = residual + dropout(hidden, drop)
+        residual = hidden
+        hidden, _ = layer.encoder_attn(
+            hidden_states=layer.encoder_attn_layer_norm(hidden),
+            key_value_states=states,
+            attention_mask=keys,
+        )
+        hidden = residual + dropout(hidden, drop)
+        residual = hidden
+        hidden = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+        hidden = dropout(hidden, layer.activation_dropout if layer.training else 0.0)
+        hidden = residual + dropout(layer.fc2(hidden), drop)
+    return decoder.layer_norm(hidden)
