@@ -125,10 +125,10 @@ def test_fused_lora_projections_drop_out_each_input_apart(make_tiny_model) -> No
             getattr(attention, name).lora_B["default"].weight.fill_(1.0)
     hidden = torch.ones(4096, model.text.config.d_model)
     with torch.no_grad():
-        fused = query_key_value(attention, hidden)
+        fused = query_key_value(attention, hidden).chunk(3, dim=-1)
         one_by_one = [getattr(attention, n)(hidden) for n in ("q_proj", "k_proj", "v_proj")]
         model.eval()
-        plain = query_key_value(attention, hidden)
+        plain = query_key_value(attention, hidden).chunk(3, dim=-1)
     deltas = [out - base for out, base in zip(fused, plain, strict=True)]
     assert all(d.abs().sum() > 0 for d in deltas)  # dropout changed every projection ...
     assert not torch.allclose(deltas[0], deltas[1], atol=1e-3)  # not one shared mask

@@ -79,8 +79,9 @@ def _vanilla_lora(module: nn.Module) -> str | None:
     return name if plain else None
 
 
-def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> list[torch.Tensor]:
-    """``q_proj``, ``k_proj`` and ``v_proj`` of ``hidden`` in as few kernels as possible.
+def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``q_proj``, ``k_proj`` and ``v_proj`` of ``hidden``, side by side (N, 3d), in as few
+    kernels as possible.
 
     The three frozen or trainable base projections run as one (d -> 3d) matmul; with LoRA on
     all three, their A and B products run as two batched matmuls over the three, each on its
@@ -93,12 +94,12 @@ def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> list[torch.Te
     else:
         adapters = [_vanilla_lora(projection) for projection in projections]
         if None in adapters:
-            return [projection(hidden) for projection in projections]
+            return torch.cat([projection(hidden) for projection in projections], dim=-1)
         bases = [projection.base_layer for projection in projections]
     biases = [base.bias for base in bases]
     bias = None if biases[0] is None else torch.cat(biases)
     if (bias is None) != all(b is None for b in biases):
-        return [projection(hidden) for projection in projections]
+        return torch.cat([projection(hidden) for projection in projections], dim=-1)
     fused = F.linear(hidden, torch.cat([base.weight for base in bases]), bias)  # (N, 3d)
     if adapters is not None:
         loras = list(zip(projections, adapters, strict=True))
@@ -113,7 +114,7 @@ def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> list[torch.Te
         up = torch.stack([p.lora_B[a].weight * p.scaling[a] for p, a in loras])
         delta = torch.bmm(torch.bmm(inputs, down.transpose(1, 2)), up.transpose(1, 2))
         fused = fused + delta.transpose(0, 1).reshape(fused.shape)
-    return list(fused.split([base.out_features for base in bases], dim=-1))
+    return fused
 
 
 def _dropout_rate(module: nn.Module) -> float:
@@ -123,14 +124,11 @@ def _dropout_rate(module: nn.Module) -> float:
 def self_attention(attention: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """A BART-layout ``*Attention`` module on packed states (N, d) -> (N, d)."""
     heads, head_dim = attention.num_heads, attention.head_dim
-
     rows, length = packing.batch * packing.grid_length, packing.grid_length
-
-    def heads_first(states: torch.Tensor) -> torch.Tensor:
-        grid = states.new_zeros(rows, states.shape[-1]).index_copy(0, packing.grid_index, states)
-        return grid.view(packing.batch, length, heads, head_dim).transpose(1, 2)
-
-    query, key, value = (heads_first(states) for states in query_key_value(attention, hidden))
+    fused = query_key_value(attention, hidden)  # (N, 3d), scattered to the grid at once
+    grid = fused.new_zeros(rows, fused.shape[-1]).index_copy(0, packing.grid_index, fused)
+    grid = grid.view(packing.batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    query, key, value = grid.unbind(0)
     mixed = F.scaled_dot_product_attention(
         query,
         key,

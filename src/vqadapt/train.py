@@ -151,8 +151,8 @@ class GradientMeter:
         present = [(tower, layer, p.grad) for p, tower, layer in self.entries if p.grad is not None]
         if not present:
             return 0.0
-        # One stacked reduction and a single device sync, not one .item() per tensor.
-        norms = torch.stack([grad.detach().float().norm() for _, _, grad in present])
+        # One fused reduction over all tensors and a single device sync, not one per tensor.
+        norms = torch.stack(torch._foreach_norm([grad.detach() for _, _, grad in present]))
         squares: dict[str, float] = defaultdict(float)
         for (tower, layer, _), value in zip(present, norms.double().pow(2).tolist(), strict=True):
             squares[tower] += value
