@@ -1,6 +1,6 @@
 """Training and evaluation speed per strategy, frozen-prefix caching on vs off, in one run.
 
-    python bench/train_speed.py [--rounds 6 --steps 8] [--ablation] [--out bench/results/train_speed.json]
+    python bench/train_speed.py [--rounds 10 --steps 8] [--ablation] [--out bench/results/train_speed.json]
 
 Each strategy runs in its own process (its peak memory, max RSS, is its own), where the cached
 and the uncached path train the same model on the same batches in alternating timed rounds.
@@ -187,7 +187,7 @@ def time_ablation(cache: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=6, help="timed rounds per path")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per path")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument(
         "--ablation", action="store_true", help="also time the quick ablation twice"
