@@ -236,6 +236,30 @@ def build_data(
     return DataBundle(splits, encoded, images, features, collators)
 
 
+def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=False):
+    """Every image's frozen vision tokens, or with ``embeddings_only`` its frozen patch
+    embeddings (vision LoRA), read from the cache or computed and stored."""
+    kind = "vision_embeddings" if embeddings_only else "vision"
+    name = "embeddings" if embeddings_only else "features"
+    key = cache_key(
+        kind=kind,
+        weights=weights_digest(model.vision.embeddings if embeddings_only else model.vision),
+        preprocessing=preprocessing.to_dict(),
+        images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
+    )
+    tensors = cached_or_compute(
+        folder / f"{kind.replace('_', '-')}-{key}.safetensors",
+        key,
+        lambda: {
+            name: vision_features(
+                model, images.pixels(), preprocessing, embeddings_only=embeddings_only
+            )
+        },
+        log,
+    )
+    return tensors[name]
+
+
 def fill_caches(
     config, model, tokenizer, preprocessing, backbones, images, encoded, features, log
 ) -> None:
@@ -244,40 +268,13 @@ def fill_caches(
 
     folder = cache_root() / "features"
     if model.vision is not None and model.vision_frozen and images.paths:
-        digest = weights_digest(model.vision)
-        key = cache_key(
-            kind="vision",
-            weights=digest,
-            preprocessing=preprocessing.to_dict(),
-            images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
-        )
         log(f"vision tower frozen: caching features of {len(images.paths)} images")
-        tensors = cached_or_compute(
-            folder / f"vision-{key}.safetensors",
-            key,
-            lambda: {"features": vision_features(model, images.pixels(), preprocessing)},
-            log,
-        )
-        features.vision_features = tensors["features"]
+        features.vision_features = _vision_cache(model, images, preprocessing, folder, log)
     elif model.vision_splittable and images.paths:
-        key = cache_key(
-            kind="vision_embeddings",
-            weights=weights_digest(model.vision.embeddings),
-            preprocessing=preprocessing.to_dict(),
-            images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
-        )
         log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
-        tensors = cached_or_compute(
-            folder / f"vision-embeddings-{key}.safetensors",
-            key,
-            lambda: {
-                "embeddings": vision_features(
-                    model, images.pixels(), preprocessing, embeddings_only=True
-                )
-            },
-            log,
+        features.vision_embeddings = _vision_cache(
+            model, images, preprocessing, folder, log, embeddings_only=True
         )
-        features.vision_embeddings = tensors["embeddings"]
     layers = model.text_cache_layers
     if layers > 0 and (model.splittable or layers == model.text_layout.num_layers):
         encoder_digest = weights_digest(model.text_encoder)
