@@ -9,7 +9,9 @@ median of the per-round ratios), the FLOP ratio (the speed-up if both paths ran 
 FLOP/s), the one-off cost of building the cache, evaluation (loss) samples/s, peak memory,
 achieved FLOP/s of both steps against this machine's fp32 matmul peak (measured in the same
 run), the optimizer state size (trainable parameters only). ``--ablation``
-also times the whole quick ablation with and without caching (about 25 minutes more).
+also times the whole quick ablation with and without caching (about 25 minutes more;
+``--ablation_jobs 1 2`` times a pair of studies training one cell at a time and a pair
+training two at once).
 """
 
 from __future__ import annotations
@@ -166,9 +168,10 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def time_ablation(cache: bool) -> float:
-    """Wall time of ``vqadapt ablate --quick``. It runs on a fresh cache folder that shares only
-    the embedded data and backbones, so the cached study pays for building its feature caches."""
+def time_ablation(cache: bool, jobs: int = 1) -> float:
+    """Wall time of ``vqadapt ablate --quick --jobs N``. It runs on a fresh cache folder that
+    shares only the embedded data and backbones, so the cached study pays for building its
+    feature caches."""
     from vqadapt.embedded import cache_root
 
     out = tempfile.mkdtemp(prefix="bench-ablation-")
@@ -176,6 +179,7 @@ def time_ablation(cache: bool) -> float:
     for shared in ("data", "backbones"):
         (fresh / shared).symlink_to((cache_root() / shared).resolve(), target_is_directory=True)
     command = [sys.executable, "-m", "vqadapt", "ablate", "--quick", "--out", out]
+    command += ["--jobs", str(jobs)]
     if not cache:
         command += ["--set", "cache=false"]
     started = time.perf_counter()
@@ -191,6 +195,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument(
         "--ablation", action="store_true", help="also time the quick ablation twice"
+    )
+    parser.add_argument(
+        "--ablation_jobs",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="cells the timed studies train at once (several values: a pair of studies each)",
     )
     parser.add_argument("--out", default="bench/results/train_speed.json")
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -233,15 +244,17 @@ def main() -> None:
         )
     result = {"machine": {"cpus": os.cpu_count(), "matmul_peak_flops": peak}, "strategies": rows}
     if args.ablation:
-        cached, plain = time_ablation(True), time_ablation(False)
-        result["quick_ablation"] = {
-            "cached_s": cached,
-            "uncached_s": plain,
-            "speedup": plain / cached,
-        }
-        print(
-            f"\nquick ablation: {cached:.0f} s cached, {plain:.0f} s uncached: {plain / cached:.2f}x"
-        )
+        result["quick_ablation"] = []
+        for jobs in args.ablation_jobs:
+            cached, plain = time_ablation(True, jobs), time_ablation(False, jobs)
+            result["quick_ablation"].append(
+                {"jobs": jobs, "cached_s": cached, "uncached_s": plain, "speedup": plain / cached}
+            )
+            print(
+                f"\nquick ablation (--jobs {jobs}): {cached:.0f} s cached, {plain:.0f} s uncached:"
+                f" {plain / cached:.2f}x",
+                flush=True,
+            )
     print(f"\nwritten: {atomic_write_json(args.out, result)}")
 
 

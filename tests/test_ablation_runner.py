@@ -131,3 +131,91 @@ def test_a_study_folder_is_never_reused_for_other_settings(tmp_path: Path, vqa_e
     result = ablate("--preset", str(preset), "--out", str(out))
     assert result.returncode == 2
     assert "other settings" in result.stderr
+
+
+def test_parallel_jobs_run_cells_at_once_each_on_its_share(tmp_path: Path, vqa_env) -> None:
+    preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO)
+    out = tmp_path / "study"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, whatever machine runs the test
+    result = ablate("--preset", str(preset), "--out", str(out), "--jobs", "2", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cores = len(os.sched_getaffinity(0))
+    share = f"OMP_NUM_THREADS={max(1, cores // 2)}"
+    # Longest first: unfreezing three layers costs more than the frozen baseline.
+    starts = [line for line in result.stdout.splitlines() if ": training (" in line]
+    assert [line.split(":")[0] for line in starts] == ["unfreeze3 seed 0", "baseline seed 0"]
+    assert all(line.endswith(f"{share}]") for line in starts), starts
+    spans = []
+    for name in ("baseline", "unfreeze3"):
+        cell = out / name / "seed0"
+        assert status(cell) == "success"
+        record = json.loads((cell / "status.json").read_text(encoding="utf-8"))
+        spans.append((record["started"], record["finished"]))
+    (first_start, first_end), (second_start, second_end) = spans
+    assert first_start <= second_end and second_start <= first_end, f"did not overlap: {spans}"
+    assert (out / "report.md").is_file()
+
+
+def test_interrupted_parallel_study_resumes_its_running_cells(tmp_path: Path, vqa_env) -> None:
+    """Ctrl-C (SIGINT to the runner) stops the running cells without marking them failed."""
+    preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO)
+    out = tmp_path / "study"
+    # Long enough cells (about 1 s per epoch here) to be caught running.
+    arguments = ["--preset", str(preset), "--out", str(out), "--jobs", "2", "--set", "epochs=12"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vqadapt", "ablate", *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cells = [out / "baseline" / "seed0", out / "unfreeze3" / "seed0"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not all(status(c) == "running" for c in cells):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) != 0
+    assert [status(c) for c in cells] == ["running", "running"]
+    assert not (out / "report.md").exists()
+
+    rerun = ablate(*arguments)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "unfreeze3 seed 0: resuming" in rerun.stdout
+    assert [status(c) for c in cells] == ["success", "success"]
+
+
+def test_job_environments_split_gpus_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqadapt.ablation.runner import job_environments
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert job_environments(1) == [{}]
+    cores = len(os.sched_getaffinity(0))
+    threads = str(max(1, cores // 3))
+    assert job_environments(3) == [
+        {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": threads},
+        {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": threads},
+        {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": threads},
+    ]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's own setting wins
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert job_environments(2) == [{}, {}]
+
+
+def test_the_longest_cells_are_expected_to_cost_most() -> None:
+    from vqadapt.ablation.runner import cell_config, expected_cost
+
+    seed = load_preset("seed")
+    costs = {
+        e.name: expected_cost(cell_config(seed, e, 0, Path("unused"), {})) for e in seed.experiments
+    }
+    assert max(costs, key=costs.get) == "vision_text_lora"
+    assert min(costs, key=costs.get) == "baseline"
+    assert costs["baseline"] < costs["unfreeze3"] < costs["lora_r16"] == costs["lora_r8"]
+
+
+def test_jobs_must_be_positive(tmp_path: Path, vqa_env) -> None:
+    preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
+    result = ablate("--preset", str(preset), "--out", str(tmp_path / "s"), "--jobs", "0")
+    assert result.returncode == 2
+    assert "--jobs must be >= 1" in result.stderr
+    assert not (tmp_path / "s").exists()

@@ -290,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--retry_failed", action="store_true", help="rerun cells that failed before")
     ab.add_argument("--report_only", action="store_true", help="only rebuild the report")
     ab.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained at once: each gets its own GPU (round-robin over the visible ones) "
+        "or an equal share of the CPU cores",
+    )
+    ab.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every cell"
     )
 

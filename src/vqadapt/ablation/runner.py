@@ -6,7 +6,8 @@ A preset (``experiments/presets/NAME.yaml``) is a small file of overrides over
 own process (``python -m vqadapt train --config cell.yaml``), so a crash or an out-of-memory
 kill marks that cell failed and the study goes on. Rerunning skips finished cells, resumes
 interrupted ones from their last checkpoint, and retries failed ones only with
-``--retry_failed``. The report is rebuilt at the end.
+``--retry_failed``. The report is rebuilt at the end. ``--jobs N`` trains N cells at once, each
+on its own GPU when there are several, or on its share of the CPU cores.
 """
 
 from __future__ import annotations
@@ -182,15 +183,87 @@ def prepare_embedded(preset: Preset, extra: dict[str, Any], log) -> None:
         embedded.ensure_tiny_backbones(log=log)
 
 
-def run_cell(config: RunConfig, cell: Path, resume: bool, log) -> str:
-    """Train one cell in its own process; returns its final status."""
-    cell.mkdir(parents=True, exist_ok=True)
-    config.train.resume = resume
-    config.save(cell / "cell.yaml")
-    command = [sys.executable, "-m", "vqadapt", "train", "--config", str(cell / "cell.yaml")]
-    started = time.perf_counter()
-    with open(cell / "train.log", "a", encoding="utf-8") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+@dataclass
+class Job:
+    """One cell to train: its folder, its config, and whether it resumes a checkpoint."""
+
+    name: str  # "lora_r16 seed 0"
+    description: str
+    cell: Path
+    config: RunConfig
+    resume: bool
+
+
+def expected_cost(config: RunConfig) -> float:
+    """A rough rank of a cell's training time, to start the longest cells first when several
+    run at once: every sample runs the decoder; text LoRA adds the text encoder's backward
+    pass, vision LoRA the vision tower's too (in the quick study a vision + text LoRA cell takes
+    about 4x the frozen baseline's time, a text LoRA cell about 2x)."""
+    adapt = config.adapt
+    per_sample = 1 + (adapt.unfreeze_encoder_layers > 0) + 2 * adapt.use_text_lora
+    per_sample += 4 * adapt.use_vision_lora
+    samples = config.data.max_train_samples or 10**9
+    return per_sample * config.train.epochs * samples
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device.strip() for device in listed.split(",") if device.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def job_environments(jobs: int) -> list[dict[str, str]]:
+    """Environment overrides for each of ``jobs`` cells that run at once: a GPU each
+    (round-robin over the visible ones) and an equal share of the CPU cores for each
+    process's thread pool (unless ``OMP_NUM_THREADS`` is set already). One job changes
+    nothing."""
+    if jobs == 1:
+        return [{}]
+    gpus = visible_gpus()
+    cores = len(os.sched_getaffinity(0))
+    environments = []
+    for slot in range(jobs):
+        environment = {}
+        if gpus:
+            environment["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        if "OMP_NUM_THREADS" not in os.environ:
+            environment["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
+        environments.append(environment)
+    return environments
+
+
+@dataclass
+class _Running:
+    job: Job
+    process: subprocess.Popen
+    log_file: Any
+    started: float
+
+
+def _start(job: Job, environment: dict[str, str]) -> _Running:
+    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``)."""
+    job.cell.mkdir(parents=True, exist_ok=True)
+    job.config.train.resume = job.resume
+    job.config.save(job.cell / "cell.yaml")
+    command = [sys.executable, "-m", "vqadapt", "train", "--config", str(job.cell / "cell.yaml")]
+    log_file = open(job.cell / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+    process = subprocess.Popen(
+        command,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **environment},
+    )
+    return _Running(job, process, log_file, time.perf_counter())
+
+
+def _finish(running: _Running, log) -> str:
+    """A cell's final status, once its process has exited; a crash is recorded as failed."""
+    running.log_file.close()
+    cell, code = running.job.cell, running.process.returncode
     status = read_status(cell)
     if code != 0 or status != "success":
         tail = (cell / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
@@ -205,8 +278,44 @@ def run_cell(config: RunConfig, cell: Path, resume: bool, log) -> str:
             },
         )
         status = "failed"
-    log(f"  {status} in {time.perf_counter() - started:.0f} s")
+    log(f"{running.job.name}: {status} in {time.perf_counter() - running.started:.0f} s")
     return status
+
+
+def run_cells(queue: list[Job], jobs: int, log, poll_seconds: float = 0.1) -> dict[str, str]:
+    """Train the cells, ``jobs`` at a time, each in its own process; returns their statuses.
+
+    One job trains them in the preset's order. Several start the longest first
+    (``expected_cost``), so that no long cell starts last and runs alone. Each job keeps its
+    GPU and CPU share (``job_environments``). If the study is interrupted, the running cells
+    are stopped and keep their checkpoints and "running" status: the next run resumes them.
+    """
+    if jobs < 1:
+        raise VQAConfigError(f"--jobs must be >= 1, got {jobs}")
+    pending = list(queue) if jobs == 1 else sorted(queue, key=lambda j: -expected_cost(j.config))
+    environments = job_environments(jobs)
+    free_slots, running, statuses = list(range(jobs)), {}, {}
+    try:
+        while pending or running:
+            while pending and free_slots:
+                slot, job = free_slots.pop(0), pending.pop(0)
+                where = ", ".join(f"{k}={v}" for k, v in environments[slot].items())
+                log(
+                    f"{job.name}: {'resuming' if job.resume else 'training'} ({job.description})"
+                    + (f" [job {slot + 1}: {where}]" if where else "")
+                )
+                running[slot] = _start(job, environments[slot])
+            time.sleep(poll_seconds)
+            for slot in [s for s, r in running.items() if r.process.poll() is not None]:
+                done = running.pop(slot)
+                statuses[done.job.name] = _finish(done, log)
+                free_slots.append(slot)
+    finally:
+        for left in running.values():  # interrupted: stop them, never mark them failed
+            left.process.kill()
+            left.process.wait()
+            left.log_file.close()
+    return statuses
 
 
 def run_study(args) -> Path:
@@ -216,6 +325,8 @@ def run_study(args) -> Path:
     out = Path(args.out or f"runs/ablation-{preset.name}")
     seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
     extra = _parse_sets(args.set)
+    if args.jobs < 1:
+        raise VQAConfigError(f"--jobs must be >= 1, got {args.jobs}")
     out.mkdir(parents=True, exist_ok=True)
     study = {
         "preset": preset.name,
@@ -244,6 +355,7 @@ def run_study(args) -> Path:
         weights = ensure_answer_weights(preset, out, extra, log)
         if weights is not None:
             extra = {**extra, "answer_weights": str(weights)}
+        queue = []
         for experiment in preset.experiments:
             for seed in seeds:
                 cell = out / experiment.name / f"seed{seed}"
@@ -256,14 +368,13 @@ def run_study(args) -> Path:
                         f"{experiment.name} seed {seed}: failed before, skipped (--retry_failed reruns it)"
                     )
                     continue
-                resume = (cell / "config.yaml").is_file() and status != "failed"
-                log(
-                    f"{experiment.name} seed {seed}: {'resuming' if resume else 'training'} ({experiment.description})"
-                )
                 config = cell_config(preset, experiment, seed, cell, extra)
                 if status == "failed":
                     config.train.overwrite = True
-                run_cell(config, cell, resume, log)
+                resume = (cell / "config.yaml").is_file() and status != "failed"
+                name = f"{experiment.name} seed {seed}"
+                queue.append(Job(name, experiment.description, cell, config, resume))
+        run_cells(queue, args.jobs, log)
     from vqadapt.ablation.report import write_report
 
     paths = write_report(out)
