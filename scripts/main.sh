@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-vqadapt ablate --quick "$@"
+# Two cells at a time: each tiny cell uses a second core or GPU poorly (README: Speed).
+vqadapt ablate --quick --jobs 2 "$@"
