@@ -196,6 +196,8 @@ def test_job_environments_split_gpus_and_cores(monkeypatch: pytest.MonkeyPatch) 
         {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": threads},
         {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": threads},
     ]
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS: all the machine's cores
+    assert job_environments(2)[0]["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's own setting wins
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert job_environments(2) == [{}, {}]

@@ -224,7 +224,9 @@ def job_environments(jobs: int) -> list[dict[str, str]]:
     if jobs == 1:
         return [{}]
     gpus = visible_gpus()
-    cores = len(os.sched_getaffinity(0))
+    # The cores this process may run on (a container's or taskset's share); macOS lacks the call.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     environments = []
     for slot in range(jobs):
         environment = {}
