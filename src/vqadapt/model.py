@@ -171,22 +171,11 @@ class VQAModel(nn.Module):
         embeds = encoder.embed_tokens(input_ids)
         hidden = embeds + encoder.embed_positions(embeds[:, :, -1]).to(embeds.device)
         # The embeddings never train: no dropout on them (frozen parts run in eval mode).
-        layers = list(encoder.layers)[: self.text_cache_layers]
-        if self.packed:
-            packing = packed.Packing.of(attention_mask)
-            hidden = encoder.layernorm_embedding(packing.gather(hidden))
-            for layer in layers:
-                hidden = packed.encoder_layer(layer, hidden, packing)
-            if self.text_cache_layers == num_layers:
-                hidden = self._final_norm(hidden)
-            return packing.scatter(hidden)
         hidden = encoder.layernorm_embedding(hidden)
-        mask = self._encoder_mask(hidden, attention_mask)
-        for layer in layers:
-            hidden = layer(hidden, mask)
-        if self.text_cache_layers == num_layers:
-            hidden = self._final_norm(hidden)
-        return hidden
+        layers = list(encoder.layers)[: self.text_cache_layers]
+        return self._encoder_layers(
+            hidden, attention_mask, layers, final_norm=self.text_cache_layers == num_layers
+        )
 
     def encode_text_suffix(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor
@@ -198,17 +187,27 @@ class VQAModel(nn.Module):
         if not self.splittable:
             return encoder(input_ids=prefix, attention_mask=attention_mask).last_hidden_state
         layers = list(encoder.layers)[self.text_cache_layers :]
+        return self._encoder_layers(prefix, attention_mask, layers, final_norm=True)
+
+    def _encoder_layers(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layers: list[nn.Module],
+        final_norm: bool,
+    ) -> torch.Tensor:
+        """``layers`` (then the final norm if asked) on padded states (B, L, d). MBart's run on
+        the real tokens only (``packed.py``) and come back with zeros at padded positions."""
         if self.packed:
             packing = packed.Packing.of(attention_mask)
-            hidden = packing.gather(prefix)
+            hidden = packing.gather(hidden)
             for layer in layers:
                 hidden = packed.encoder_layer(layer, hidden, packing)
-            return packing.scatter(self._final_norm(hidden))
-        mask = self._encoder_mask(prefix, attention_mask)
-        hidden = prefix
+            return packing.scatter(self._final_norm(hidden) if final_norm else hidden)
+        mask = self._encoder_mask(hidden, attention_mask)
         for layer in layers:
             hidden = layer(hidden, mask)
-        return self._final_norm(hidden)
+        return self._final_norm(hidden) if final_norm else hidden
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = getattr(self.text_encoder, "layer_norm", None)
