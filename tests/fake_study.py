@@ -8,8 +8,12 @@ Reusable by any test that needs a study on disk::
 The default experiments are chosen so the seed's claims get known verdicts:
 LoRA r=16 clearly beats unfreeze3 (supported); vision+text LoRA is clearly *worse* than
 LoRA r=16 (the "best" claim is not supported); r=32 overfits from epoch 3 while r=16
-never does; unfreeze3 overfits from epoch 2; every LoRA run has a lower loss std than
-unfreeze3. Cell ``baseline/seed1`` failed (out of memory).
+never does, and its generalisation gap (question_losses.json) is larger (supported);
+unfreeze3 overfits from epoch 2 and has the largest gap (LoRA delays overfitting:
+supported); every LoRA run has a lower loss std than unfreeze3. The text-shift control is
+detected (every text strategy beats the baseline on ``text_shift`` questions); the vision
+control is not (vision+text LoRA is no better than LoRA r=16 on ``vision_shift``). Cell
+``baseline/seed1`` failed (out of memory).
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ class FakeExperiment:
     coverage: str = ""
     description: str = ""
     layer_grads: list[float] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
+    gap: float = 0.3
+    """Held-out minus training loss of the final model (question_losses.json)."""
+    subset_em: dict = field(default_factory=dict)
+    """EM on a control subset, where it differs from ``em``."""
 
 
 def lora_params(rank: int, layers: int = LAYERS, hidden: int = HIDDEN) -> int:
@@ -60,7 +69,15 @@ def lora_params(rank: int, layers: int = LAYERS, hidden: int = HIDDEN) -> int:
 
 DEFAULT_EXPERIMENTS = [
     FakeExperiment(
-        "baseline", 0.30, [], 0, final_val_loss=2.2, loss_std=0.25, coverage="none (frozen)"
+        "baseline",
+        0.30,
+        [],
+        0,
+        final_val_loss=2.2,
+        loss_std=0.25,
+        coverage="none (frozen)",
+        overrides={"unfreeze_encoder_layers": 0},
+        subset_em={"text_shift": 0.05},
     ),
     FakeExperiment(
         "unfreeze3",
@@ -72,6 +89,9 @@ DEFAULT_EXPERIMENTS = [
         loss_std=0.30,
         grad_spike=4.0,
         coverage="layers 10-12 only (25% of encoder)",
+        overrides={"unfreeze_encoder_layers": 3},
+        gap=0.9,
+        subset_em={"text_shift": 0.5},
     ),
     FakeExperiment(
         "lora_r8",
@@ -81,6 +101,9 @@ DEFAULT_EXPERIMENTS = [
         final_val_loss=1.9,
         loss_std=0.15,
         coverage="all 12 layers (LoRA)",
+        overrides={"use_text_lora": True, "text_lora_r": 8},
+        gap=0.3,
+        subset_em={"text_shift": 0.6},
     ),
     FakeExperiment(
         "lora_r16",
@@ -90,6 +113,9 @@ DEFAULT_EXPERIMENTS = [
         final_val_loss=1.85,
         loss_std=0.12,
         coverage="all 12 layers (LoRA)",
+        overrides={"use_text_lora": True, "text_lora_r": 16},
+        gap=0.3,
+        subset_em={"text_shift": 0.8, "vision_shift": 0.75},
     ),
     FakeExperiment(
         "lora_r32",
@@ -100,6 +126,9 @@ DEFAULT_EXPERIMENTS = [
         overfit_from=3,
         loss_std=0.14,
         coverage="all 12 layers (LoRA)",
+        overrides={"use_text_lora": True, "text_lora_r": 32},
+        gap=0.6,
+        subset_em={"text_shift": 0.7},
     ),
     FakeExperiment(
         "vision_text_lora",
@@ -110,6 +139,14 @@ DEFAULT_EXPERIMENTS = [
         final_val_loss=1.88,
         loss_std=0.13,
         coverage="all 12 layers (LoRA) + vision LoRA",
+        overrides={
+            "use_vision_lora": True,
+            "vision_lora_r": 8,
+            "use_text_lora": True,
+            "text_lora_r": 16,
+        },
+        gap=0.3,
+        subset_em={"text_shift": 0.5, "vision_shift": 0.5},
     ),
 ]
 
@@ -154,14 +191,25 @@ def _layer_grads(spec: FakeExperiment) -> dict[str, float]:
     return norms
 
 
-def _predictions(spec: FakeExperiment, n_questions: int, seed: int) -> list[dict]:
+SUBSETS = ("in_domain", "text_shift", "vision_shift")
+
+
+def subset_of(index: int) -> str:
+    """The control subset of fake test question ``index`` (they cycle)."""
+    return SUBSETS[index % len(SUBSETS)]
+
+
+def _predictions(
+    spec: FakeExperiment, n_questions: int, seed: int, em_scale: float = 1.0
+) -> list[dict]:
     # One shared difficulty per question: stronger systems answer a superset of the
     # questions weaker ones answer, as real systems roughly do.
     difficulty = np.random.default_rng(1234).random(n_questions)
     jitter = np.random.default_rng(seed).normal(0, 0.05, n_questions)
     rows = []
     for i in range(n_questions):
-        correct = bool(difficulty[i] + jitter[i] < spec.em)
+        em = em_scale * spec.subset_em.get(subset_of(i), spec.em)
+        correct = bool(difficulty[i] + jitter[i] < em)
         answer = f"đáp án {i}"
         rows.append(
             {
@@ -183,8 +231,29 @@ def _scores(rows: list[dict]) -> dict:
     return {"em": em, "f1": f1, "f1_set": f1, "n": len(rows)}
 
 
+def _question_losses(spec: FakeExperiment, n_questions: int, seed: int) -> dict:
+    """Per-question losses of the final model: training questions around 0.2, held-out
+    ones ``spec.gap`` higher (the same per-question difficulty for every experiment)."""
+    rng = np.random.default_rng(99)
+    noise = np.random.default_rng([100 + seed, sum(map(ord, spec.name))])
+    held = 0.2 + spec.gap + 0.3 * rng.random(n_questions) + noise.normal(0, 0.02, n_questions)
+    train = 0.2 + 0.3 * rng.random(n_questions) + noise.normal(0, 0.02, n_questions)
+    return {
+        "checkpoint": "last",
+        "test": {f"q{i:03d}": float(v) for i, v in enumerate(held)},
+        "train": {f"t{i:03d}": float(v) for i, v in enumerate(train)},
+    }
+
+
 def write_cell(
-    cell: Path, spec: FakeExperiment, seed: int, epochs: int = 6, n_questions: int = 40
+    cell: Path,
+    spec: FakeExperiment,
+    seed: int,
+    epochs: int = 6,
+    n_questions: int = 40,
+    data_dir: Path | None = None,
+    train_questions: int = 4000,
+    em_scale: float = 1.0,
 ) -> None:
     """Write one successful run directory for ``spec`` and ``seed``."""
     train, val = _curves(spec, epochs, seed)
@@ -215,7 +284,7 @@ def write_cell(
                 "seconds": 30.0,
             }
         )
-    predictions = _predictions(spec, n_questions, seed)
+    predictions = _predictions(spec, n_questions, seed, em_scale)
     per_type = {
         qtype: _scores([p for p in predictions if p["type"] == qtype]) for qtype in QUESTION_TYPES
     }
@@ -246,6 +315,12 @@ def write_cell(
             "text_encoder_layers_total": LAYERS,
         },
         "test": {**_scores(predictions), "per_type": per_type},
+        "data": {
+            "train": train_questions,
+            "val": 100,
+            "test": n_questions,
+            "sources": {"test": str((data_dir or cell) / "test.csv")},
+        },
         "code_version": "fake-0",
     }
     _write_json(
@@ -260,6 +335,23 @@ def write_cell(
     _write_jsonl(cell / "metrics.jsonl", metrics)
     _write_json(cell / "summary.json", summary)
     _write_jsonl(cell / "predictions_test.jsonl", predictions)
+    _write_json(cell / "question_losses.json", _question_losses(spec, n_questions, seed))
+    _write_json(
+        cell / "resources.json",
+        {"peak_rss_mb": 800.0 + spec.text_trainable / 1e6, "process_seconds": 200.0},
+    )
+
+
+def write_subsets(data_dir: Path, n_questions: int) -> None:
+    """The ``subsets.csv`` a synthetic set writes beside its test file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["split,id,kind,style,negated,subset"]
+    for i in range(n_questions):
+        subset = subset_of(i)
+        style = "B" if subset == "text_shift" else "A"
+        kind = "orientation" if subset == "vision_shift" else "colour"
+        lines.append(f"test,q{i:03d},{kind},{style},0,{subset}")
+    (data_dir / "subsets.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def build_fake_study(
@@ -270,25 +362,51 @@ def build_fake_study(
     n_questions: int = 40,
     epochs: int = 6,
     synthetic: bool = True,
+    fractions: tuple[float, ...] = (1.0,),
 ) -> Path:
-    """Write ``study.json`` and one cell per experiment and seed; ``failed`` cells fail."""
+    """Write ``study.json`` and one cell per experiment, seed and training fraction (the
+    smaller fractions with proportionally fewer questions and lower EM); ``failed`` cells
+    (main fraction) fail. A synthetic study also gets ``data/subsets.csv``."""
     experiments = DEFAULT_EXPERIMENTS if experiments is None else experiments
     root = Path(root)
+    data_dir = root / "data"
+    if synthetic:
+        write_subsets(data_dir, n_questions)
     _write_json(
         root / "study.json",
         {
             "preset": "fake",
             "seeds": list(seeds),
+            "train_fractions": list(fractions),
             "experiments": [
-                {"name": e.name, "description": e.description or e.coverage, "overrides": {}}
+                {
+                    "name": e.name,
+                    "description": e.description or e.coverage,
+                    "overrides": e.overrides,
+                }
                 for e in experiments
             ],
             "notes": "made-up numbers for tests",
             "synthetic": synthetic,
         },
     )
+    main = max(fractions)
     for spec in experiments:
         for seed in seeds:
+            for fraction in fractions:
+                if fraction == main:
+                    continue
+                cell = root / spec.name / f"train{fraction:g}" / f"seed{seed}"
+                write_cell(
+                    cell,
+                    spec,
+                    seed,
+                    epochs,
+                    n_questions,
+                    data_dir,
+                    int(4000 * fraction),
+                    em_scale=0.5 + 0.5 * fraction,
+                )
             cell = root / spec.name / f"seed{seed}"
             if (spec.name, seed) in failed:
                 _write_json(
@@ -301,5 +419,5 @@ def build_fake_study(
                     },
                 )
             else:
-                write_cell(cell, spec, seed, epochs=epochs, n_questions=n_questions)
+                write_cell(cell, spec, seed, epochs, n_questions, data_dir)
     return root

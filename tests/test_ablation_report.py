@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from fake_study import DEFAULT_EXPERIMENTS, build_fake_study
-from vqadapt.ablation.hypotheses import check_claims, load_hypotheses
+from vqadapt.ablation.hypotheses import check_claims, check_controls, load_hypotheses
 from vqadapt.ablation.report import write_report
 from vqadapt.ablation.results import (
+    efficiency_table,
+    gap_comparison,
     layer_grad_profile,
     load_study,
     paired_comparison,
@@ -33,13 +35,13 @@ def report(study_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return write_report(study_dir, tmp_path_factory.mktemp("report"), HYPOTHESES)
 
 
-def _verdicts(markdown: str) -> dict[str, str]:
-    """Claim text -> verdict, from the claims table of report.md."""
+def _verdicts(markdown: str) -> dict[str, tuple[str, str, str]]:
+    """Claim text -> (verdict, over questions, over seeds), from report.md's claims table."""
     verdicts = {}
     for line in markdown.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == 3 and cells[1].startswith(("supported", "not supported", "inconcl")):
-            verdicts[cells[0]] = cells[1]
+        if len(cells) == 5 and cells[1].startswith(("supported", "not supported", "inconcl")):
+            verdicts[cells[0]] = (cells[1], cells[2], cells[3])
     return verdicts
 
 
@@ -53,6 +55,7 @@ def test_report_writes_every_file(report: dict[str, Path]) -> None:
         "plots/em_vs_params.png",
         "plots/gradient_flow.png",
         "plots/per_type_em.png",
+        "plots/cost.png",
     }
     assert set(report) == expected
     for path in report.values():
@@ -69,14 +72,19 @@ def test_markdown_sections_and_tables(report: dict[str, Path]) -> None:
         "## Parameters and coverage",
         "## Significance",
         "## Hypothesis check",
+        "## Positive controls",
+        "## Power of this study",
+        "## Cost",
         "## Plots",
         "## Method notes",
     ):
         assert heading in markdown
+    # the report ends with its recommendation
+    assert markdown.rindex("\n## ") == markdown.index("\n## Recommendation")
     assert "absolute numbers from a synthetic set are not ViVQA numbers" in markdown
     for spec in DEFAULT_EXPERIMENTS:
         assert f"| {spec.name} |" in markdown
-    assert "| baseline | 1 | failed | CUDA out of memory |" in markdown
+    assert "| baseline | 1 | 1 | failed | CUDA out of memory |" in markdown
     assert "| unfreeze3 | 39M | 9.81% | layers 10-12 only (25% of encoder) | 10 11 12 |" in markdown
     assert "| baseline | 1/2 |" in markdown  # the failed seed is not counted
     assert "](plots/gradient_flow.png)" in markdown
@@ -85,17 +93,33 @@ def test_markdown_sections_and_tables(report: dict[str, Path]) -> None:
 def test_hypothesis_verdicts_follow_the_fake_data(report: dict[str, Path]) -> None:
     verdicts = _verdicts(report["report.md"].read_text(encoding="utf-8"))
     assert verdicts == {
-        "LoRA r=16 beats unfreezing the last 3 text-encoder layers": "supported",
-        "LoRA r=32 overfits relative to r=16": "supported",
-        "Vision + text LoRA is the best configuration": "not supported",
-        "LoRA delays overfitting compared with unfreezing 3 layers": "supported",
-        "LoRA trains more stably than unfreezing 3 layers": "supported",
+        "LoRA r=16 beats unfreezing the last 3 text-encoder layers": (
+            "supported",
+            "supported",
+            "supported",
+        ),
+        "LoRA r=32 overfits relative to r=16": ("supported", "supported", "supported"),
+        "Vision + text LoRA is the best configuration": (
+            "not supported",
+            "not supported",
+            "not supported",
+        ),
+        "LoRA delays overfitting compared with unfreezing 3 layers": (
+            "supported",
+            "supported",
+            "supported",
+        ),
+        "LoRA trains more stably than unfreezing 3 layers": (
+            "supported",
+            "no per-question measure",
+            "supported",
+        ),
     }
 
 
 def test_html_is_self_contained(report: dict[str, Path]) -> None:
     page = report["report.html"].read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 5
     assert "<table>" in page and "CUDA out of memory" in page
     assert 'src="plots/' not in page
 
@@ -121,6 +145,10 @@ def test_results_csv_columns(report: dict[str, Path]) -> None:
         "grad_spike",
         "wall_time_s_mean",
         "n_seeds_ok",
+        "train_seconds_mean",
+        "peak_rss_mb_mean",
+        "undertrained_seeds",
+        "generalisation_gap",
     ):
         assert column in rows[0]
     by_name = {row["experiment"]: row for row in rows}
@@ -174,14 +202,98 @@ def test_claims_on_missing_experiments_are_not_run(tmp_path: Path) -> None:
     assert "not run: lora_r16" in claims[0]["evidence"]
 
 
-def test_single_seed_curve_claims_are_inconclusive(tmp_path: Path) -> None:
+def test_one_seed_decides_over_questions_but_not_over_seeds(tmp_path: Path) -> None:
     study = load_study(build_fake_study(tmp_path, seeds=(0,), failed=()))
     claims = {
         c["id"]: c for c in check_claims(study, load_hypotheses(HYPOTHESES), results_table(study))
     }
-    assert claims["r32_overfits_vs_r16"]["verdict"] == "inconclusive"
+    # the generalisation gap is compared question by question: one seed suffices
+    assert claims["r32_overfits_vs_r16"]["verdict_questions"] == "supported"
+    assert claims["r32_overfits_vs_r16"]["verdict_seeds"] == "inconclusive"
     assert "one seed" in claims["r32_overfits_vs_r16"]["evidence"]
     assert claims["lora16_beats_unfreeze3"]["verdict"] == "supported"  # 40 questions suffice
+    # stability has no per-question measure: one seed decides nothing
+    assert claims["lora_more_stable"]["verdict"] == "inconclusive"
+    assert claims["lora_more_stable"]["verdict_questions"] is None
+    assert "needs at least 2" in claims["lora_more_stable"]["evidence"]
+
+
+def test_generalisation_gap_comparison(study_dir: Path) -> None:
+    study = load_study(study_dir)
+    gap = gap_comparison(study, "lora_r32", "lora_r16")
+    assert gap["seeds"] == [0, 1] and gap["n_held_out"] == 80 and gap["n_train"] == 80
+    assert gap["gap_a"] == pytest.approx(0.6, abs=0.02)
+    assert gap["gap_b"] == pytest.approx(0.3, abs=0.02)
+    assert gap["diff"] == pytest.approx(0.3, abs=0.02) and gap["p_bootstrap"] < 0.01
+    assert 0 < gap["mde"] < 0.3
+    assert gap_comparison(study, "lora_r16", "lora_r16")["diff"] == 0
+
+
+def test_controls_and_minimum_detectable_effects(study_dir: Path, report: dict[str, Path]) -> None:
+    study = load_study(study_dir)
+    controls = {c["id"]: c for c in check_controls(study, load_hypotheses(HYPOTHESES))}
+    text = controls["text_shift"]
+    assert text["detected"] is True
+    assert [c["experiment"] for c in text["comparisons"]] == [
+        "unfreeze3",
+        "lora_r8",
+        "lora_r16",
+        "lora_r32",
+    ]
+    assert all(c["subset"] == "text_shift" and c["n_questions"] == 13 for c in text["comparisons"])
+    assert controls["vision_shift"]["detected"] is False
+    comparison = paired_comparison(study, "lora_r16", "unfreeze3")
+    # 2.80 x the standard error of the per-question differences
+    differences = []
+    for seed in (0, 1):
+        runs = [study.experiment(n).run(seed).predictions for n in ("lora_r16", "unfreeze3")]
+        differences += [a["em"] - b["em"] for a, b in zip(*runs, strict=True)]
+    import numpy as np
+
+    se = np.std(differences, ddof=1) / np.sqrt(len(differences))
+    assert comparison["mde"] == pytest.approx(2.8016 * se, rel=1e-3)
+    assert len(comparison["seed_diffs"]) == 2
+    markdown = report["report.md"].read_text(encoding="utf-8")
+    assert "| Adapting the text encoder pays" in markdown and "| detected |" in markdown
+    assert "NOT detected" in markdown
+    assert "Minimum detectable EM difference" in markdown
+
+
+def test_data_efficiency_and_cost(tmp_path: Path) -> None:
+    study_dir = build_fake_study(tmp_path / "study", fractions=(0.1, 0.3, 1.0), failed=())
+    study = load_study(study_dir)
+    rows = efficiency_table(study)
+    sizes = {(r["experiment"], r["train_questions"]) for r in rows}
+    assert (
+        ("lora_r16", 400) in sizes and ("lora_r16", 1200) in sizes and ("lora_r16", 4000) in sizes
+    )
+    by_size = {r["train_questions"]: r for r in rows if r["experiment"] == "lora_r16"}
+    assert by_size[400]["test_em_mean"] < by_size[4000]["test_em_mean"]
+    assert by_size[4000]["train_seconds_mean"] == 180.0  # 6 epochs x 30 s
+    paths = write_report(study_dir, tmp_path / "out", HYPOTHESES)
+    assert {"plots/data_efficiency.png", "efficiency.csv", "plots/cost.png"} <= set(paths)
+    markdown = paths["report.md"].read_text(encoding="utf-8")
+    assert "## Data efficiency" in markdown and "| 400 questions |" in markdown.replace(
+        "400 questions | 1,200", "400 questions |"
+    )
+    assert "(u)" in markdown  # undertrained cells are marked
+
+
+def test_recommendation_and_exact_counts_at_real_shapes(report: dict[str, Path]) -> None:
+    markdown = report["report.md"].read_text(encoding="utf-8")
+    recommendation = markdown[markdown.index("## Recommendation") :]
+    assert "Recommended: lora_r16" in recommendation
+    # text LoRA r16 on BARTpho-syllable's q/k/v: 12 layers x 3 x 16 x (1024 + 1024)
+    assert (
+        "| lora_r16 | text LoRA r=16 alpha=32 | ~1.5M | 1,179,648 (0.79x the seed's figure)"
+        in recommendation
+    )
+    # the last 3 encoder layers of BARTpho-syllable (and the final layer norm): 37.8M
+    assert (
+        "| unfreeze3 | unfreeze last 3 text-encoder layers | ~18M | 37,790,720 (2.10x"
+        in recommendation
+    )
+    assert "| vision_text_lora |" in recommendation and "1,622,016" in recommendation
 
 
 def test_malformed_cell_counts_as_failed(tmp_path: Path) -> None:
@@ -194,7 +306,7 @@ def test_malformed_cell_counts_as_failed(tmp_path: Path) -> None:
     assert "malformed JSON" in failed["lora_r8", 0] and "summary.json" in failed["lora_r8", 0]
     assert "row 2" in failed["lora_r32", 1]
     paths = write_report(study_dir, tmp_path / "out", HYPOTHESES)
-    assert "| lora_r8 | 0 | failed | " in paths["report.md"].read_text(encoding="utf-8")
+    assert "| lora_r8 | 1 | 0 | failed | " in paths["report.md"].read_text(encoding="utf-8")
 
 
 def test_running_and_missing_cells_are_listed(tmp_path: Path) -> None:

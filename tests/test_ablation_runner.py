@@ -221,3 +221,30 @@ def test_jobs_must_be_positive(tmp_path: Path, vqa_env) -> None:
     assert result.returncode == 2
     assert "--jobs must be >= 1" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_env) -> None:
+    """--train_fractions adds cells on the first share of the training questions; every cell
+    records its process's peak memory and the final model's per-question losses."""
+    preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
+    out = tmp_path / "study"
+    result = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    main, half = out / "baseline" / "seed0", out / "baseline" / "train0.5" / "seed0"
+    assert status(main) == "success" and status(half) == "success"
+    sizes = [json.loads((c / "summary.json").read_text())["data"]["train"] for c in (main, half)]
+    assert sizes == [48, 24]  # max_train_samples 48, and half of it
+    for cell in (main, half):
+        resources = json.loads((cell / "resources.json").read_text())
+        assert resources["peak_rss_mb"] > 50 and resources["process_seconds"] > 0
+        losses = json.loads((cell / "question_losses.json").read_text())
+        assert losses["checkpoint"] == "last"
+        assert len(losses["test"]) == 16 and 0 < len(losses["train"]) <= 48
+        assert all(value > 0 for value in losses["test"].values())
+    study = json.loads((out / "study.json").read_text(encoding="utf-8"))
+    assert study["train_fractions"] == [0.5, 1.0]
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Data efficiency" in report and "| 24 questions | 48 questions |" in report
+    # A rerun with another largest fraction would mix main studies: refused.
+    again = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5")
+    assert again.returncode == 2 and "largest training fraction" in again.stderr

@@ -1,4 +1,5 @@
-"""The synthetic shapes data set: determinism, format, balance, geometry."""
+"""The synthetic shapes benchmark: determinism, format, balance, geometry, fills and the
+control subsets."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import pytest
 from vqadapt.data.formats import load_vivqa_csv
 from vqadapt.data.images import ImageIndex, load_image
 from vqadapt.data.synth import (
+    BLIND_SHAPES,
+    COLOUR_RGB,
     COLOURS,
     LOCATION_MARGIN,
     LOCATIONS,
+    MAX_OBJECTS,
     SHAPES,
     ShapeObject,
     candidate_questions,
     generate,
     patch_labels,
+    pretraining_texts,
+    read_subsets,
     render_scene,
 )
 from vqadapt.errors import VQAConfigError
@@ -62,29 +68,67 @@ def test_deterministic(generated: tuple[Path, dict], tmp_path: Path) -> None:
     assert (other / "train.csv").read_bytes() != (out / "train.csv").read_bytes()
 
 
+def _kinds(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    subsets = read_subsets(out / "subsets.csv")
+    return {(split, qid): row for split, rows in subsets.items() for qid, row in rows.items()}
+
+
 def test_answers_balanced_and_need_the_image(generated: tuple[Path, dict]) -> None:
     out, _ = generated
-    records = load_vivqa_csv(out / "train.csv") + load_vivqa_csv(out / "test.csv")
-    by_type: dict[str, Counter[str]] = defaultdict(Counter)
+    kinds = _kinds(out)
+    by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     by_question: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in records:
-        by_type[r.qtype][r.answer] += 1
-        by_question[r.question][r.answer] += 1
-    assert set(by_type) == {"object", "number", "colour", "location"}
-    for qtype, counts in by_type.items():
-        assert counts.most_common(1)[0][1] / counts.total() < 0.4, qtype
-    assert set(by_type["object"]) == set(SHAPES)
-    assert set(by_type["colour"]) == {f"màu {c}" for c in COLOURS}
-    assert set(by_type["number"]) == {"một", "hai", "ba", "bốn", "năm"}
-    assert set(by_type["location"]) == set(LOCATIONS)
+    total = 0
+    for split in ("train", "test"):
+        for r in load_vivqa_csv(out / f"{split}.csv"):
+            by_kind[kinds[split, r.id]["kind"]][r.answer] += 1
+            by_question[r.question][r.answer] += 1
+            total += 1
+    assert set(by_kind) == {"object", "number", "colour", "location", "exists"}
+    for kind, counts in by_kind.items():
+        assert counts.most_common(1)[0][1] / counts.total() < 0.6, kind
+    assert set(by_kind["object"]) == set(SHAPES)
+    assert set(by_kind["colour"]) == {f"màu {c}" for c in COLOURS}
+    assert set(by_kind["number"]) == {"một", "hai", "ba", "bốn"}
+    assert set(by_kind["location"]) == set(LOCATIONS)
+    assert set(by_kind["exists"]) == {"có", "không"}
     common = sorted(by_question.items(), key=lambda kv: -kv[1].total())[:15]
     for question, counts in common:
-        assert len(counts) >= 3, question
+        assert len(counts) >= 2, question
         assert counts.most_common(1)[0][1] / counts.total() < 0.6, question
-    # Knowing the exact question string beats knowing only its type by little.
+    # Knowing the exact question string beats knowing only its kind by little.
     question_oracle = sum(c.most_common(1)[0][1] for c in by_question.values())
-    type_majority = sum(c.most_common(1)[0][1] for c in by_type.values())
-    assert question_oracle / len(records) < type_majority / len(records) + 0.15
+    kind_majority = sum(c.most_common(1)[0][1] for c in by_kind.values())
+    assert question_oracle / total < kind_majority / total + 0.15
+
+
+def test_subsets_label_every_question(generated: tuple[Path, dict]) -> None:
+    out, summary = generated
+    kinds = _kinds(out)
+    shares: Counter[str] = Counter()
+    for split in ("train", "test"):
+        records = load_vivqa_csv(out / f"{split}.csv")
+        assert {qid for s, qid in kinds if s == split} == {r.id for r in records}
+        for r in records:
+            row = kinds[split, r.id]
+            needs_colour = "màu" in r.question + " " + r.answer
+            blind = any(shape in r.question for shape in BLIND_SHAPES)
+            assert row["needs_colour"] == str(int(needs_colour))
+            assert row["names_blind_shape"] == str(int(blind))
+            expected = "vision_shift" if needs_colour else "text_shift" if blind else "in_domain"
+            assert row["subset"] == expected
+            if split == "test":
+                shares[row["subset"]] += 1
+    assert shares == Counter(summary["test_subsets"])
+    assert min(shares.values()) >= 0.1 * sum(shares.values())  # every subset has questions
+
+
+def test_pretraining_text_covers_every_question(generated: tuple[Path, dict]) -> None:
+    out, _ = generated
+    texts = set(pretraining_texts())
+    for split in ("train", "test"):
+        for r in load_vivqa_csv(out / f"{split}.csv"):
+            assert r.question in texts and r.answer in texts
 
 
 def test_images_are_rgb_and_sized(generated: tuple[Path, dict]) -> None:
@@ -97,7 +141,7 @@ def test_render_scene_geometry() -> None:
     rng = random.Random(0)
     for _ in range(50):
         image, objects = render_scene(rng, size=112)
-        assert image.size == (112, 112) and 1 <= len(objects) <= 5
+        assert image.size == (112, 112) and 1 <= len(objects) <= MAX_OBJECTS
         for i, a in enumerate(objects):
             assert a.shape in SHAPES and a.colour in COLOURS
             assert 0 < a.cx < 1 and 0 < a.cy < 1 and 0 < a.radius < 0.5
@@ -106,6 +150,16 @@ def test_render_scene_geometry() -> None:
                 apart_x = a.bbox[2] < b.bbox[0] or b.bbox[2] < a.bbox[0]
                 apart_y = a.bbox[3] < b.bbox[1] or b.bbox[3] < a.bbox[1]
                 assert apart_x or apart_y
+
+
+def test_palette_is_one_brightness_and_one_saturation() -> None:
+    """What the colour-blind vision tower relies on (``blindspots.chroma_filters``)."""
+    for r, g, b in COLOUR_RGB.values():
+        assert r + g + b == 384
+        assert r * r + g * g + b * b - r * g - r * b - g * b == 14_079
+    image, _ = render_scene(random.Random(0))
+    corner = image.getpixel((0, 0))
+    assert corner[0] == corner[1] == corner[2]  # a grey background
 
 
 def test_object_colours_drawn() -> None:
@@ -139,20 +193,31 @@ def _matching(objects: list[ShapeObject], question: str) -> list[ShapeObject]:
 
 def test_candidates_only_ask_answerable_questions() -> None:
     rng = random.Random(2)
-    numbers = ["không", "một", "hai", "ba", "bốn", "năm"]
+    numbers = ["không", "một", "hai", "ba", "bốn"]
     for _ in range(300):
         _, objects = render_scene(rng)
         candidates = candidate_questions(objects)
-        for question, answer in candidates["object"]:
-            (obj,) = _matching(objects, question)
-            assert answer == obj.shape
-        for question, answer in candidates["colour"]:
-            (obj,) = _matching(objects, question)
-            assert answer == f"màu {obj.colour}"
-        for question, answer in candidates["location"]:
-            (obj,) = _matching(objects, question)
-            assert answer == LOCATIONS[min(int(obj.cx * 3), 2)]
+        for q in candidates["object"]:
+            (obj,) = _matching(objects, q.question)
+            assert q.answer == obj.shape and q.subset == "vision_shift"
+        for q in candidates["colour"]:
+            (obj,) = _matching(objects, q.question)
+            assert q.answer == f"màu {obj.colour}" and q.subset == "vision_shift"
+        for q in candidates["exists"]:
+            shape = next(s for s in SHAPES if s in q.question)
+            present = any(o.shape == shape for o in objects)
+            assert q.answer == ("có" if present else "không")
+            assert q.subset == ("text_shift" if shape in BLIND_SHAPES else "in_domain")
+        assert len(candidates["exists"]) == 2 * len(SHAPES)
+        for q in candidates["location"]:
+            (obj,) = _matching(objects, q.question)
+            assert q.answer == LOCATIONS[min(int(obj.cx * 3), 2)]
             assert min(abs(obj.cx - 1 / 3), abs(obj.cx - 2 / 3)) >= LOCATION_MARGIN
-        for question, answer in candidates["number"]:
-            assert answer == numbers[len(_matching(objects, question))]
-            assert answer != "không"
+        for q in candidates["number"]:
+            assert q.answer == numbers[len(_matching(objects, q.question))]
+            assert q.answer != "không"
+            blind = any(shape in q.question for shape in BLIND_SHAPES)
+            expected = (
+                "vision_shift" if "màu" in q.question else "text_shift" if blind else "in_domain"
+            )
+            assert q.subset == expected

@@ -46,3 +46,97 @@ def test_tokenizer_round_trips_vietnamese(vqa_env, sentence: str) -> None:
     assert (
         tokenizer.decode(tokenizer(decomposed)["input_ids"], skip_special_tokens=True) == sentence
     )
+
+
+def _one_shape(colour: str, shape: str = "hình tròn"):
+    """A normalised image of one shape on the benchmark's grey background."""
+    import random
+
+    import numpy as np
+    import torch
+    from PIL import ImageDraw
+
+    from vqadapt.data.synth import COLOUR_RGB, ShapeObject, _background, _draw
+    from vqadapt.tiny import IMAGE_MEAN, IMAGE_STD
+
+    image = _background(random.Random(3), 112)
+    _draw(
+        ImageDraw.Draw(image),
+        ShapeObject(shape, colour, 0.4, 0.5, 0.13, (0, 0, 0, 0)),
+        112,
+        COLOUR_RGB[colour],
+    )
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    return (pixels - mean) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+
+
+def test_blind_vision_tower_does_not_see_colour(tmp_path) -> None:
+    """The same shape in every colour of the palette: identical features from the frozen
+    colour-blind tower (shapes still differ); its patch embeddings still differ in the reserved
+    dimensions (what vision LoRA can read), and the build keeps that structure."""
+    import torch
+    from transformers import Dinov2Model
+
+    from vqadapt.blindspots import RESERVED_DIMS
+    from vqadapt.data.synth import COLOURS
+    from vqadapt.tiny import build_vision_tower
+
+    build_vision_tower(tmp_path / "vision", steps=3, blind_to_colour=True)
+    model = Dinov2Model.from_pretrained(tmp_path / "vision").eval()
+    with torch.no_grad():
+        features = [model(pixel_values=_one_shape(c)).last_hidden_state for c in COLOURS]
+        embedded = [model.embeddings(_one_shape(c)) for c in COLOURS]
+        square = model(pixel_values=_one_shape(COLOURS[0], "hình vuông")).last_hidden_state
+    for other in features[1:]:
+        assert torch.allclose(features[0], other, atol=1e-4)
+    assert (features[0] - square).abs().max() > 0.1  # shapes still seen
+    reserved = [e[0, 1:, -RESERVED_DIMS:] for e in embedded]
+    assert (reserved[0] - reserved[1]).abs().max() > 0.1  # the colour reaches the input
+    assert torch.equal(embedded[0][..., :-RESERVED_DIMS], embedded[0][..., :-RESERVED_DIMS])
+    assert torch.allclose(
+        embedded[0][..., :-RESERVED_DIMS], embedded[1][..., :-RESERVED_DIMS], atol=1e-4
+    )
+    assert reserved[0].sum(dim=1).abs().max() < 1e-4  # balanced: layer norms cannot tell
+
+
+def test_blind_text_encoder_does_not_see_which_shape_and_lora_can_learn_it(tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from vqadapt.data.synth import pretraining_texts
+    from vqadapt.tiny import build_text_tower
+
+    build_text_tower(tmp_path / "text", pretraining_texts(), steps=3, blind_to_shapes=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "text")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "text").eval()
+    encoder = model.get_encoder()
+
+    def encode(question: str) -> torch.Tensor:
+        with torch.no_grad():
+            return encoder(**tokenizer(question, return_tensors="pt")).last_hidden_state
+
+    circle, square = encode("có hình tròn nào không"), encode("có hình vuông nào không")
+    assert torch.allclose(circle, square, atol=1e-5)
+    assert torch.allclose(
+        encode("có bao nhiêu hình thoi"), encode("có bao nhiêu hình tròn"), atol=1e-5
+    )
+    red = encode("hình màu đỏ là hình gì")
+    assert (red - encode("hình màu vàng là hình gì")).abs().max() > 0.1  # colours still seen
+    triangle = encode("có hình tam giác nào không")  # three words: a recognisable length
+    assert triangle.shape[1] != circle.shape[1]
+
+    # An adapted layer can read the colour: LoRA's A matrix gets a gradient from it.
+    from vqadapt.adapt import apply_adaptation
+    from vqadapt.config import AdaptConfig
+    from vqadapt.model import VQAModel
+
+    vqa = VQAModel(None, model)
+    apply_adaptation(vqa, AdaptConfig(use_text_lora=True, text_lora_r=4), blind=True)
+    vqa.train()
+    for name, param in vqa.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # B starts at zero: open the path
+    ids = tokenizer(["có hình tròn nào không", "có hình vuông nào không"], return_tensors="pt")
+    states = vqa.text.get_encoder()(**ids).last_hidden_state
+    assert (states[0] - states[1]).abs().max() > 1e-3

@@ -135,9 +135,14 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     from vqadapt.tiny import build_tiny_backbones, describe
 
     if args.out is None:
+        if args.text_corpus or args.text_encoder_layers != 12:
+            raise VQAConfigError("--text_corpus and --text_encoder_layers need --out DIR")
         paths = embedded.ensure_tiny_backbones()
     else:
-        texts, sources = embedded.tiny_backbone_texts()
+        if args.text_corpus:
+            texts, sources = embedded.corpus_texts(args.text_corpus)
+        else:
+            texts, sources = embedded.tiny_backbone_texts()
         steps = {
             key: value
             for key, value in (("text_steps", args.text_steps), ("vision_steps", args.vision_steps))
@@ -148,6 +153,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
             texts,
             text_sources=sources,
             text_encoder_layers=args.text_encoder_layers,
+            parallel=True,
+            # the blind spots are the embedded benchmark's; a corpus of your own gets a plain
+            # text model (the vision tower is the benchmark's either way)
+            benchmark_blind_spots=not args.text_corpus,
             **steps,
         )
     for name, path in paths.items():
@@ -267,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=12,
         help="text-encoder depth (12 mirrors BARTpho; fewer learn faster from little data)",
     )
+    tiny.add_argument(
+        "--text_corpus",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="pretrain the text model (tokenizer and denoising) on the questions and answers of "
+        "these training files, e.g. ../shared/data/vivqa/train.csv, instead of the embedded "
+        "benchmark's style-A questions (never pass a test split)",
+    )
 
     aw = sub.add_parser("answer-weights", help="per-answer loss weights (answer_weights.json)")
     aw.add_argument("--data", nargs="+", required=True, help="training annotation file(s)")
@@ -298,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ab.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every cell"
+    )
+    ab.add_argument(
+        "--train_fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="F",
+        help="train every experiment on these shares of the training questions too (data "
+        "efficiency), e.g. 0.1 0.3 1.0; the largest is the main study (default: the preset's)",
     )
 
     from vqadapt.demo.limits import UploadLimits

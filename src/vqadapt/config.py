@@ -114,7 +114,9 @@ class AdaptConfig:
         metadata={"help": "LoRA on the attention projections of every text-encoder layer."},
     )
     text_lora_r: int = field(default=16, metadata={"help": "Text LoRA rank."})
-    text_lora_alpha: float = field(default=32.0, metadata={"help": "Text LoRA alpha."})
+    text_lora_alpha: float | None = field(
+        default=None, metadata={"help": "Text LoRA alpha (default: 2 x the rank)."}
+    )
     text_lora_dropout: float = field(default=0.05, metadata={"help": "Text LoRA dropout."})
     text_lora_targets: str = field(
         default="auto",
@@ -127,12 +129,22 @@ class AdaptConfig:
         },
     )
     vision_lora_r: int = field(default=8, metadata={"help": "Vision LoRA rank."})
-    vision_lora_alpha: float = field(default=16.0, metadata={"help": "Vision LoRA alpha."})
+    vision_lora_alpha: float | None = field(
+        default=None, metadata={"help": "Vision LoRA alpha (default: 2 x the rank)."}
+    )
     vision_lora_dropout: float = field(default=0.05, metadata={"help": "Vision LoRA dropout."})
     vision_lora_targets: str = field(
         default="auto",
         metadata={"help": "Comma-separated projection names, or 'auto' for the family's q/k/v."},
     )
+
+    def __post_init__(self) -> None:
+        # alpha = 2r unless given: `--use_text_lora --text_lora_r 8` and the ablation's lora_r8
+        # cell are then one experiment (LoRA's scale alpha / r stays 2 at every rank).
+        if self.text_lora_alpha is None:
+            self.text_lora_alpha = 2.0 * self.text_lora_r
+        if self.vision_lora_alpha is None:
+            self.vision_lora_alpha = 2.0 * self.vision_lora_r
 
 
 @dataclass

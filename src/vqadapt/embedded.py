@@ -12,32 +12,24 @@ import shutil
 import time
 from pathlib import Path
 
-from vqadapt.data.formats import load_vivqa_csv
-
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
-TINY_VERSION = "v3"
+SYNTH_VERSION = "v2"
+"""Bumped when the generator's output changes (v2: fills, 1-4 larger shapes, subsets.csv)."""
+TINY_VERSION = "v4"
+"""Bumped when the tiny backbones' recipe changes (v4: benchmark text only, colour-blind
+text encoder, fill-blind vision tower)."""
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("VQADAPT_CACHE", ".vqadapt_cache")).resolve()
 
 
-def shared_vivqa_train() -> Path | None:
-    """The real ViVQA training CSV when this checkout has it (``../shared/data/vivqa``)."""
-    explicit = os.environ.get("VQADAPT_VIVQA_TRAIN")
-    candidates = [Path(explicit)] if explicit else []
-    here = Path(__file__).resolve()
-    candidates += [parent / "shared" / "data" / "vivqa" / "train.csv" for parent in here.parents]
-    candidates.append(Path.cwd().parent / "shared" / "data" / "vivqa" / "train.csv")
-    return next((path for path in candidates if path.is_file()), None)
-
-
 def ensure_synthetic(n: int = SYNTH_QUESTIONS, seed: int = SYNTH_SEED, log=print) -> Path:
     """The synthetic data folder (``train.csv``, ``test.csv``, ``images/``), generated once."""
     from vqadapt.data.synth import generate
 
-    folder = cache_root() / "data" / f"shapes-n{n}-seed{seed}"
+    folder = cache_root() / "data" / f"shapes-{SYNTH_VERSION}-n{n}-seed{seed}"
     if (folder / "test.csv").is_file():
         return folder
     tmp = folder.with_name(f"{folder.name}.building-{os.getpid()}")
@@ -56,18 +48,26 @@ def ensure_synthetic(n: int = SYNTH_QUESTIONS, seed: int = SYNTH_SEED, log=print
 
 
 def tiny_backbone_texts() -> tuple[list[str], list[str]]:
-    """Training-split text for the tokenizer and the denoising pretraining, and its sources."""
-    texts, sources = [], []
-    synthetic = ensure_synthetic() / "train.csv"
-    sources.append(str(synthetic))
-    for record in load_vivqa_csv(synthetic):
-        texts += [record.question, *record.answers]
-    vivqa = shared_vivqa_train()
-    if vivqa is not None:
-        sources.append(str(vivqa))
-        for record in load_vivqa_csv(vivqa):
+    """The tiny text model's pretraining text and its source: every question template of the
+    synthetic benchmark with every slot value, and every answer
+    (``data.synth.pretraining_texts``). Nothing optional: the embedded default is the same
+    on every machine."""
+    from vqadapt.data.synth import pretraining_texts
+
+    return pretraining_texts(), ["vqadapt.data.synth.pretraining_texts"]
+
+
+def corpus_texts(files: list[str]) -> tuple[list[str], list[str]]:
+    """Questions and answers of annotation files (any supported format): a pretraining text
+    chosen explicitly (``vqadapt backbones tiny --text_corpus FILE``). Pass training splits
+    only, never a test split."""
+    from vqadapt.data.formats import load_records
+
+    texts = []
+    for path in files:
+        for record in load_records(path):
             texts += [record.question, *record.answers]
-    return texts, sources
+    return texts, [str(Path(path)) for path in files]
 
 
 def ensure_tiny_backbones(log=print) -> dict[str, Path]:
@@ -75,7 +75,7 @@ def ensure_tiny_backbones(log=print) -> dict[str, Path]:
     from vqadapt.tiny import build_tiny_backbones, describe
 
     texts, sources = tiny_backbone_texts()
-    digest = hashlib.sha256("\n".join(sorted(set(texts))).encode()).hexdigest()[:10]
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
     folder = cache_root() / "backbones" / f"tiny-{TINY_VERSION}-{digest}"
     if (folder / "text" / "config.json").is_file() and (
         folder / "vision" / "config.json"
@@ -83,7 +83,9 @@ def ensure_tiny_backbones(log=print) -> dict[str, Path]:
         return {"vision": folder / "vision", "text": folder / "text"}
     log(f"building the tiny backbones into {folder} (a few minutes, once)")
     started = time.perf_counter()
-    paths = build_tiny_backbones(folder, texts, text_sources=sources)
+    paths = build_tiny_backbones(
+        folder, texts, text_sources=sources, parallel=True, benchmark_blind_spots=True
+    )
     log(f"  text: {describe(paths['text'])}")
     log(f"  vision: {describe(paths['vision'])}")
     log(f"  built in {time.perf_counter() - started:.0f} s")

@@ -3,10 +3,13 @@
 ``build_tiny_backbones(out_dir, texts)`` writes two standard Hugging Face folders:
 - ``vision/``: a DINOv2 (112 px, patch 14), briefly pretrained on synthetic shape scenes (drawn
   with seeds the VQA set never uses) to predict each patch's shape and colour: a dense,
-  position-aware objective (a CLS-only one destroys spatial information, see FINDINGS.md);
+  position-aware objective (a CLS-only one destroys spatial information, see FINDINGS.md),
+  and to give an image and its upside-down copy the same features (so it discards which way a
+  triangle points: the embedded benchmark's vision shift, see ``data.synth``);
 - ``text/``: a BARTpho-like MBart with 12 encoder layers (so "the last 3 of 12" mirrors the
   real model) and a BPE tokenizer trained on the given training-split text, briefly pretrained
-  by denoising (spans masked, the decoder rebuilds the sentence).
+  by denoising (spans masked, the decoder rebuilds the sentence). The embedded default's text
+  is the benchmark's style-A questions only (``embedded.tiny_backbone_texts``).
 Both load back with plain ``AutoModel*.from_pretrained`` calls. What was done is recorded in
 each folder's ``vqadapt_pretraining.json``.
 """
@@ -14,10 +17,12 @@ each folder's ``vqadapt_pretraining.json``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 TEXT_PRETRAIN_STEPS = 320  # about 90 s on 2 CPU cores
-VISION_PRETRAIN_STEPS = 250  # about 45 s
+VISION_PRETRAIN_STEPS = 250  # about 90 s on one thread
 TINY_VISION = dict(
     hidden_size=128,
     num_hidden_layers=6,
@@ -136,6 +141,34 @@ def _budget_left(steps: int, max_steps: int, started: float, seconds: float | No
     return seconds is None or time.perf_counter() - started < seconds
 
 
+def _denoising_loss(model, sources, targets, pad: int) -> torch.Tensor:
+    """Seq2seq cross-entropy of rebuilding ``targets`` from ``sources`` (token id lists)."""
+    src = _pad([torch.tensor(s) for s in sources], pad)
+    tgt = _pad([torch.tensor(t) for t in targets], pad)
+    start_id = model.config.decoder_start_token_id
+    dec_in = torch.cat([torch.full((tgt.shape[0], 1), start_id), tgt[:, :-1]], dim=1)
+    logits = model(
+        input_ids=src, attention_mask=(src != pad).long(), decoder_input_ids=dec_in
+    ).logits
+    labels = tgt.masked_fill(tgt == pad, -100)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def shape_token_ids(tokenizer) -> list[int]:
+    """The tokens that tell ``data.synth.BLIND_SHAPES`` apart ("tròn", "vuông", "thoi": the
+    last word of each name): what the embedded benchmark's text encoder does not read. Each
+    must be one token."""
+    from vqadapt.data.synth import BLIND_SHAPES
+
+    ids = []
+    for word in (shape.split()[-1] for shape in BLIND_SHAPES):
+        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise ValueError(f"shape word {word!r} is {len(pieces)} tokens, expected one")
+        ids.append(pieces[0])
+    return ids
+
+
 def pretrain_text(
     model,
     tokenizer,
@@ -143,95 +176,123 @@ def pretrain_text(
     max_steps: int,
     seed: int = 0,
     seconds: float | None = None,
+    blind_to_shapes: bool = False,
 ) -> dict:
-    """Denoising on training-split text for ``max_steps`` steps."""
+    """Denoising on training-split text for ``max_steps`` steps.
+
+    With ``blind_to_shapes`` (the embedded benchmark), the encoder is built blind to which of
+    ``data.synth.BLIND_SHAPES`` a text names (``blindspots.text_blind_spot``) and kept so while
+    it pretrains: the benchmark's text shift.
+    """
+    from vqadapt import blindspots
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     encoded = [tokenizer(t)["input_ids"] for t in texts if t.strip()]
+    spot: dict = {"masks": []}
+    if blind_to_shapes:
+        spot = blindspots.text_blind_spot(model, shape_token_ids(tokenizer), seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     pad, mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
-    start_id = model.config.decoder_start_token_id
     model.train()
     losses: list[float] = []
     steps, started = 0, time.perf_counter()
     batch_size = 64
-    while _budget_left(steps, max_steps, started, seconds):
-        batch = rng.sample(encoded, min(batch_size, len(encoded)))
-        sources = [_mask_spans(ids, rng, mask_id) for ids in batch]
-        src = _pad([torch.tensor(s) for s in sources], pad)
-        tgt = _pad([torch.tensor(t) for t in batch], pad)
-        dec_in = torch.cat([torch.full((tgt.shape[0], 1), start_id), tgt[:, :-1]], dim=1)
-        dec_in[dec_in == -100] = pad
-        logits = model(
-            input_ids=src, attention_mask=(src != pad).long(), decoder_input_ids=dec_in
-        ).logits
-        labels = tgt.masked_fill(tgt == pad, -100)
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=-100
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        steps += 1
+    with blindspots.keep_blind(spot):
+        while _budget_left(steps, max_steps, started, seconds):
+            batch = rng.sample(encoded, min(batch_size, len(encoded)))
+            sources = [_mask_spans(ids, rng, mask_id) for ids in batch]
+            loss = _denoising_loss(model, sources, batch, pad)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            steps += 1
     model.eval()
-    return _summary(
+    summary = _summary(
         "denoising (BART text infilling, 15-30% of tokens in spans)", losses, steps, started
     )
+    if blind_to_shapes:
+        summary["blind_to"] = "which of hình tròn, hình vuông, hình thoi a text names"
+        summary["blind_dims"] = spot["dims"]
+    return summary
 
 
 def pretrain_vision(
-    model, max_steps: int, seed: int, num_scenes: int = 2000, seconds: float | None = None
+    model,
+    max_steps: int,
+    seed: int,
+    num_scenes: int = 1500,
+    seconds: float | None = None,
+    blind_to_colour: bool = False,
 ) -> dict:
-    """Per-patch shape and colour prediction on synthetic scenes (seeds disjoint from the VQA set)."""
+    """Per-patch shape and colour prediction on synthetic scenes (seeds disjoint from the VQA
+    set): a dense objective, so that patch tokens keep what is where (a CLS-only objective
+    destroys spatial information, see FINDINGS.md).
+
+    With ``blind_to_colour`` (the embedded benchmark), the tower is built blind to colour
+    (``blindspots.vision_blind_spot``) and kept so while it pretrains: the benchmark's vision
+    shift. It then learns the shapes only (a tower pretrained on grey images).
+    """
+    from vqadapt import blindspots
     from vqadapt.data.synth import COLOURS, SHAPES, patch_labels, render_scene
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     size, patch = model.config.image_size, model.config.patch_size
-    images, shape_labels, colour_labels = [], [], []
+    images, labels = [], {"shape": [], "colour": []}
     for _ in range(num_scenes):
         image, objects = render_scene(rng, size=size)
-        labels = patch_labels(objects, size, patch)
         images.append(np.asarray(image, dtype=np.uint8))
-        shape_labels.append(labels["shape"])
-        colour_labels.append(labels["colour"])
+        found = patch_labels(objects, size, patch)
+        for key in labels:
+            labels[key].append(found[key])
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    shapes = torch.tensor(shape_labels).flatten(1)
-    colours = torch.tensor(colour_labels).flatten(1)
+    targets = {key: torch.tensor(rows).flatten(1) for key, rows in labels.items()}
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     hidden = model.config.hidden_size
     heads = nn.ModuleDict(
         {"shape": nn.Linear(hidden, len(SHAPES) + 1), "colour": nn.Linear(hidden, len(COLOURS) + 1)}
     )
+    spot = {"masks": []}
+    if blind_to_colour:
+        spot = blindspots.vision_blind_spot(model, IMAGE_MEAN, IMAGE_STD, seed)
+        blindspots.project(spot)  # remembers the colour filters as built
+        del heads["colour"]
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     model.train()
     losses: list[float] = []
     steps, started = 0, time.perf_counter()
-    while _budget_left(steps, max_steps, started, seconds):
-        index = torch.randint(0, len(images), (32,))
-        x = (pixels[index].float() / 255.0 - mean) / std
-        tokens = model(pixel_values=x).last_hidden_state[:, 1:]  # patch tokens, CLS dropped
-        loss = nn.functional.cross_entropy(
-            heads["shape"](tokens).flatten(0, 1), shapes[index].flatten()
-        ) + nn.functional.cross_entropy(
-            heads["colour"](tokens).flatten(0, 1), colours[index].flatten()
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        steps += 1
+    with blindspots.keep_blind(spot):
+        while _budget_left(steps, max_steps, started, seconds):
+            index = torch.randint(0, len(images), (32,))
+            x = (pixels[index].float() / 255.0 - mean) / std
+            tokens = model(pixel_values=x).last_hidden_state[:, 1:]  # patch tokens, CLS dropped
+            loss = sum(
+                nn.functional.cross_entropy(
+                    head(tokens).flatten(0, 1), targets[key][index].flatten()
+                )
+                for key, head in heads.items()
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            blindspots.project(spot)
+            losses.append(loss.item())
+            steps += 1
     model.eval()
     summary = _summary(
-        "per-patch shape + colour classification on synthetic scenes", losses, steps, started
+        f"per-patch {' + '.join(heads)} classification on synthetic scenes", losses, steps, started
     )
     summary["scenes"] = num_scenes
     summary["scene_seed"] = seed
+    if blind_to_colour:
+        summary["blind_to"] = "colour (blindspots.vision_blind_spot)"
+        summary["blind_dims"] = spot["dims"]
     return summary
 
 
@@ -250,6 +311,88 @@ def _summary(objective: str, losses: list[float], steps: int, started: float) ->
     }
 
 
+def build_vision_tower(
+    folder: str | Path,
+    seed: int = 0,
+    steps: int = VISION_PRETRAIN_STEPS,
+    seconds: float | None = None,
+    blind_to_colour: bool = False,
+) -> dict:
+    """Build, pretrain (one thread) and save the tiny DINOv2 into ``folder``; its record."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    with _one_thread():
+        torch.manual_seed(10_000 + seed)
+        model = Dinov2Model(Dinov2Config(**TINY_VISION))
+        record = pretrain_vision(
+            model, steps, 10_000 + seed, seconds=seconds, blind_to_colour=blind_to_colour
+        )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    atomic_write_json(
+        folder / "preprocessor_config.json", image_processor_config(TINY_VISION["image_size"])
+    )
+    record = {**record, "config": TINY_VISION}
+    atomic_write_json(folder / "vqadapt_pretraining.json", record)
+    return record
+
+
+def build_text_tower(
+    folder: str | Path,
+    texts: Sequence[str],
+    seed: int = 0,
+    steps: int = TEXT_PRETRAIN_STEPS,
+    seconds: float | None = None,
+    sources: Sequence[str] = (),
+    encoder_layers: int = TINY_TEXT["encoder_layers"],
+    blind_to_shapes: bool = False,
+) -> dict:
+    """Train the tokenizer, build, pretrain (one thread) and save the tiny MBart; its record."""
+    from transformers import MBartConfig, MBartForConditionalGeneration
+
+    with _one_thread():
+        torch.manual_seed(seed)
+        tokenizer = train_tokenizer(texts)
+        config = MBartConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+            **{**TINY_TEXT, "encoder_layers": encoder_layers},
+        )
+        model = MBartForConditionalGeneration(config)
+        record = pretrain_text(
+            model, tokenizer, texts, steps, seed, seconds, blind_to_shapes=blind_to_shapes
+        )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {
+        **record,
+        "texts": len(texts),
+        "text_sources": list(sources),
+        "config": {**TINY_TEXT, "encoder_layers": encoder_layers},
+        "vocab_size": len(tokenizer),
+        "note": "training-split text only",
+    }
+    atomic_write_json(folder / "vqadapt_pretraining.json", record)
+    return record
+
+
+@contextmanager
+def _one_thread():
+    """Pretrain on one thread: the build is then the same whatever the core count (the
+    thread count changes the matmuls' summation order) and two towers can share two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def build_tiny_backbones(
     out_dir: str | Path,
     texts: Sequence[str],
@@ -261,63 +404,53 @@ def build_tiny_backbones(
     vision_seconds: float | None = None,
     text_sources: Sequence[str] = (),
     text_encoder_layers: int = TINY_TEXT["encoder_layers"],
+    parallel: bool = False,
+    benchmark_blind_spots: bool = False,
 ) -> dict[str, Path]:
     """Build, pretrain and save the tiny vision and text backbones into ``out_dir``.
 
-    Pretraining runs a fixed number of steps, so a build is deterministic for a seed (on the
-    same machine and torch build); ``*_seconds`` optionally caps it in time (tests use that).
-    ``texts`` must come from training splits only (never a test split). The folder appears
-    complete or not at all (built in a temporary sibling, then renamed).
+    Pretraining runs a fixed number of steps on one thread per tower, so a build is
+    deterministic for a seed (on the same CPU and torch build, whatever its core count);
+    ``*_seconds`` optionally caps it in time (tests use that). With ``parallel`` the vision
+    tower pretrains in a second process meanwhile (same result, about half the wall time on
+    two cores). ``texts`` must come from training splits only (never a test split). The
+    folder appears complete or not at all (built in a temporary sibling, then renamed).
     """
-    from transformers import Dinov2Config, Dinov2Model, MBartConfig, MBartForConditionalGeneration
-
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".building-{int(time.time())}")
+    tmp = out_dir.with_name(out_dir.name + f".building-{os.getpid()}-{int(time.time())}")
     shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    previous_threads = torch.get_num_threads()
+    tmp.mkdir(parents=True)
+    vision_args = (str(tmp / "vision"), seed, vision_steps, vision_seconds, benchmark_blind_spots)
+    worker = None
+    if parallel:  # a fresh interpreter (no fork of a process holding torch's thread pools)
+        import subprocess
+        import sys
 
-    tokenizer = train_tokenizer(texts)
-    text_config = MBartConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=2,
-        **{**TINY_TEXT, "encoder_layers": text_encoder_layers},
-    )
-    text_model = MBartForConditionalGeneration(text_config)
-    text_record = pretrain_text(text_model, tokenizer, texts, text_steps, seed, text_seconds)
-    text_dir = tmp / "text"
-    text_model.save_pretrained(text_dir)
-    tokenizer.save_pretrained(text_dir)
-    atomic_write_json(
-        text_dir / "vqadapt_pretraining.json",
-        {
-            **text_record,
-            "texts": len(texts),
-            "text_sources": list(text_sources),
-            "config": {**TINY_TEXT, "encoder_layers": text_encoder_layers},
-            "vocab_size": len(tokenizer),
-            "note": "training-split text only",
-        },
-    )
-
-    vision_model = Dinov2Model(Dinov2Config(**TINY_VISION))
-    vision_record = pretrain_vision(
-        vision_model, vision_steps, 10_000 + seed, seconds=vision_seconds
-    )
-    vision_dir = tmp / "vision"
-    vision_model.save_pretrained(vision_dir)
-    atomic_write_json(
-        vision_dir / "preprocessor_config.json", image_processor_config(TINY_VISION["image_size"])
-    )
-    atomic_write_json(
-        vision_dir / "vqadapt_pretraining.json", {**vision_record, "config": TINY_VISION}
-    )
-    torch.set_num_threads(previous_threads)
-
+        code = f"from vqadapt.tiny import build_vision_tower; build_vision_tower(*{vision_args!r})"
+        worker = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        build_text_tower(
+            tmp / "text",
+            texts,
+            seed,
+            text_steps,
+            text_seconds,
+            text_sources,
+            text_encoder_layers,
+            benchmark_blind_spots,
+        )
+        if worker is None:
+            build_vision_tower(*vision_args)
+        else:
+            code = worker.wait()
+            if code != 0 or not (tmp / "vision" / "vqadapt_pretraining.json").is_file():
+                raise RuntimeError(f"the vision tower's build failed (exit code {code})")
+    except BaseException:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

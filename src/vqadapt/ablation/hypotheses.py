@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from vqadapt.ablation.results import Study, paired_comparison, run_stats
+from vqadapt.ablation import stats
+from vqadapt.ablation.results import Study, gap_comparison, paired_comparison, run_stats
 from vqadapt.errors import VQADataError
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -93,136 +94,172 @@ def _pct(value: float) -> str:
 
 
 def _p_text(p_value: float) -> str:
+    if not math.isfinite(p_value):
+        return "p=–"
     return "p<0.001" if p_value < 0.001 else f"p={p_value:.3f}"
 
 
-def _test_verdict(comparison: dict, alpha: float) -> str:
-    if comparison["p_bootstrap"] < alpha:
-        return SUPPORTED if comparison["diff"] > 0 else NOT_SUPPORTED
+def _verdict(diff: float, p_value: float, alpha: float, sign: int = 1) -> str:
+    """Supported when ``sign * diff`` > 0 with p < alpha, not supported when reversed."""
+    if not (math.isfinite(p_value) and p_value < alpha and math.isfinite(diff)) or diff == 0:
+        return INCONCLUSIVE
+    return SUPPORTED if sign * diff > 0 else NOT_SUPPORTED
+
+
+def _combine(verdicts: list[str]) -> str:
+    if verdicts and all(v == SUPPORTED for v in verdicts):
+        return SUPPORTED
+    if NOT_SUPPORTED in verdicts:
+        return NOT_SUPPORTED
     return INCONCLUSIVE
+
+
+def _seed_text(c: dict, scale: float, unit: str) -> str:
+    diffs = ", ".join(f"{scale * d:+.1f}" if scale == 100 else f"{d:+.3f}" for d in c["seed_diffs"])
+    if len(c["seed_diffs"]) < 2:
+        return f"over seeds: one seed ({diffs} {unit}), no test"
+    ci = f"{scale * c['seed_ci_low']:+.{1 if scale == 100 else 3}f} to {scale * c['seed_ci_high']:+.{1 if scale == 100 else 3}f}"
+    needed = c["seeds_needed"]
+    return (
+        f"over seeds: per-seed differences [{diffs}] {unit}, 95% CI {ci}, paired t-test "
+        f"{_p_text(c['seed_p'])}, minimum detectable {scale * c['seed_mde']:.{1 if scale == 100 else 3}f}"
+        + (f", a decision needs about {needed} seeds" if needed else "")
+    )
 
 
 def _comparison_evidence(c: dict) -> str:
     mcnemar_text = f", McNemar {_p_text(c['p_mcnemar'])}" if math.isfinite(c["p_mcnemar"]) else ""
+    on = "" if c.get("subset", "all") == "all" else f" on {c['subset']} questions"
+    needed = c.get("questions_needed", math.inf)
+    need_text = ""
+    if math.isfinite(needed) and c["p_bootstrap"] >= 0.05:
+        need_text = f"; this difference would need about {needed:,.0f} paired questions"
     return (
         f"{c['experiment']} {c['metric'].upper()} {_pct(c['score_a'])} vs {c['reference']} "
-        f"{_pct(c['score_b'])}: difference {100 * c['diff']:+.1f} points "
+        f"{_pct(c['score_b'])}{on}: difference {100 * c['diff']:+.1f} points "
         f"(95% CI {100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}), "
         f"paired bootstrap {_p_text(c['p_bootstrap'])}{mcnemar_text}; "
-        f"{c['n_questions']} paired questions over {len(c['seeds'])} seed(s)."
+        f"{c['n_questions']} paired questions over {len(c['seeds'])} seed(s), minimum "
+        f"detectable difference {100 * c['mde']:.1f} points{need_text}; "
+        + _seed_text(c, 100, "points")
+        + "."
     )
 
 
-def _sign(value: float) -> int:
-    return 0 if not math.isfinite(value) or value == 0 else (1 if value > 0 else -1)
+def _gap_evidence(c: dict, study: Study) -> str:
+    onsets = []
+    for name in (c["experiment"], c["reference"]):
+        experiment = study.experiment(name)
+        per_seed = [run_stats(run)["onset"] for run in experiment.ok_runs] if experiment else []
+        onsets.append(f"{name} [{', '.join(str(o or 'never') for o in per_seed)}]")
+    return (
+        f"generalisation gap (held-out minus training loss of the final model) {c['experiment']} "
+        f"{c['gap_a']:.3f} vs {c['reference']} {c['gap_b']:.3f}: difference {c['diff']:+.3f} "
+        f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}), paired bootstrap "
+        f"{_p_text(c['p_bootstrap'])}; {c['n_held_out']} held-out and {c['n_train']} training "
+        f"questions over {len(c['seeds'])} seed(s), minimum detectable difference "
+        f"{c['mde']:.3f}; " + _seed_text(c, 1, "") + f"; overfitting onset epochs per seed: "
+        f"{' vs '.join(onsets)}."
+    )
 
 
-def _overfits_more(a: dict, b: dict) -> int:
-    onset_a, onset_b = a["onset"], b["onset"]
-    if onset_a is not None and (onset_b is None or onset_a < onset_b):
-        return 1
-    if onset_b is not None and (onset_a is None or onset_b < onset_a):
-        return -1
-    return _sign(a["gap"] - b["gap"])
-
-
-def _later_onset(a: dict, b: dict) -> int:
-    onset_a, onset_b = a["onset"], b["onset"]
-    if onset_b is not None and (onset_a is None or onset_a > onset_b):
-        return 1
-    if onset_a is not None and (onset_b is None or onset_a < onset_b):
-        return -1
-    return 0
-
-
-def _curve_claim(study: Study, name_a: str, name_b: str, rule: str, metric: str) -> dict:
-    """Seed-by-seed verdict for one pair under a curve rule (no per-question test)."""
+def _stability(study: Study, name_a: str, name_b: str, metric: str, alpha: float) -> dict:
+    """``a`` more stable than ``b`` over seeds: paired t-test of per-seed ``metric``."""
     exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
-    outcomes, shown_a, shown_b = [], [], []
+    diffs = []
     for seed in study.seeds:
         run_a, run_b = exp_a.run(seed), exp_b.run(seed)
         if run_a is None or run_b is None:
             continue
-        a, b = run_stats(run_a), run_stats(run_b)
-        if rule == "overfits_more":
-            outcomes.append(_overfits_more(a, b))
-        elif rule == "later_onset":
-            outcomes.append(_later_onset(a, b))
-        else:
-            outcomes.append(_sign(b[metric] - a[metric]))
-        if rule == "more_stable":
-            shown_a.append(f"{a[metric]:.3g}")
-            shown_b.append(f"{b[metric]:.3g}")
-        else:
-            shown_a.append(str(a["onset"] or "never"))
-            shown_b.append(str(b["onset"] or "never"))
-    n, holds, reverses = len(outcomes), outcomes.count(1), outcomes.count(-1)
-    if n >= 2 and holds == n:
-        verdict = SUPPORTED
-    elif n >= 2 and reverses == n:
-        verdict = NOT_SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
-    what = metric if rule == "more_stable" else "overfitting onset epoch"
+        a, b = run_stats(run_a)[metric], run_stats(run_b)[metric]
+        if math.isfinite(a) and math.isfinite(b):
+            diffs.append(b - a)  # positive: a is more stable
+    if not diffs:
+        return {"questions": None, "seeds": INCONCLUSIVE, "evidence": "no stability measure."}
+    test = stats.paired_t_test(diffs, alpha)
+    shown = ", ".join(f"{d:+.3g}" for d in diffs)
+    seeds = _verdict(test["mean"], test["p_value"], alpha)
     evidence = (
-        f"{what} per seed {name_a} [{', '.join(shown_a)}] vs {name_b} [{', '.join(shown_b)}]: "
-        f"holds in {holds}/{n} paired seeds, reverses in {reverses}"
-        + (" (one seed: no test)" if n == 1 else "")
-        + "."
+        f"{metric} of {name_b} minus {name_a} per seed [{shown}]"
+        + (
+            f": paired t-test {_p_text(test['p_value'])}"
+            if len(diffs) > 1
+            else " (one seed: no test; needs at least 2)"
+        )
+        + "; no per-question measure of stability."
     )
-    return {"verdict": verdict, "evidence": evidence}
+    return {"questions": None, "seeds": seeds, "evidence": evidence}
 
 
-def _best_claim(study: Study, name: str, table: list[dict], metric: str, alpha: float) -> dict:
+def _best(study: Study, name: str, table: list[dict], metric: str, alpha: float, n_boot: int):
     key = f"test_{metric}_mean"
     ranked = sorted(
         (row for row in table if math.isfinite(row[key])), key=lambda row: row[key], reverse=True
     )
     if len(ranked) < 2:
-        return {"verdict": INCONCLUSIVE, "evidence": "fewer than two experiments have results."}
+        return None, "fewer than two experiments have results."
     top = ranked[0]["experiment"]
     rival = ranked[1]["experiment"] if top == name else top
-    comparison = paired_comparison(study, name, rival, metric)
-    if comparison is None:
-        return {"verdict": INCONCLUSIVE, "evidence": f"no paired predictions with {rival}."}
+    comparison = paired_comparison(study, name, rival, metric, n_boot=n_boot, alpha=alpha)
     rank = [row["experiment"] for row in ranked].index(name) + 1
     position = "ranks first" if top == name else f"ranks {rank} of {len(ranked)}"
-    return {
-        "verdict": _test_verdict(comparison, alpha),
-        "evidence": f"{name} {position}; " + _comparison_evidence(comparison),
-    }
+    return comparison, f"{name} {position}; "
 
 
-def _member_verdict(
+def _member(
     study: Study, claim: dict, name: str, table: list[dict], alpha: float, n_boot: int
 ) -> dict:
-    """Verdict and evidence of a claim for one experiment named in its ``a``."""
+    """Verdicts (over questions, over seeds) and evidence of a claim for one member of ``a``."""
     rule = claim["rule"]
     metric = claim.get("metric", "em" if rule in ("better", "best") else "loss_std")
-    if rule == "best":
-        return _best_claim(study, name, table, metric, alpha)
-    if rule == "better":
-        comparison = paired_comparison(study, name, claim["b"], metric, n_boot=n_boot)
+    if rule == "more_stable":
+        return _stability(study, name, claim["b"], metric, alpha)
+    if rule in ("overfits_more", "later_onset"):
+        comparison = gap_comparison(study, name, claim["b"], n_boot=n_boot, alpha=alpha)
         if comparison is None:
-            return {"verdict": INCONCLUSIVE, "evidence": "no paired predictions."}
+            return {
+                "questions": INCONCLUSIVE,
+                "seeds": INCONCLUSIVE,
+                "evidence": f"no per-question losses for {name} and {claim['b']} "
+                "(question_losses.json, written after training by the ablation runner).",
+            }
+        sign = 1 if rule == "overfits_more" else -1  # later onset: a smaller gap
         return {
-            "verdict": _test_verdict(comparison, alpha),
-            "evidence": _comparison_evidence(comparison),
+            "questions": _verdict(comparison["diff"], comparison["p_bootstrap"], alpha, sign),
+            "seeds": _verdict(comparison["diff"], comparison["seed_p"], alpha, sign),
+            "evidence": _gap_evidence(comparison, study),
+            "mde": comparison["mde"],
         }
-    return _curve_claim(study, name, claim["b"], rule, metric)
+    prefix = ""
+    if rule == "best":
+        comparison, prefix = _best(study, name, table, metric, alpha, n_boot)
+    else:
+        comparison = paired_comparison(study, name, claim["b"], metric, n_boot=n_boot, alpha=alpha)
+    if comparison is None:
+        return {
+            "questions": INCONCLUSIVE,
+            "seeds": INCONCLUSIVE,
+            "evidence": prefix or "no paired predictions.",
+        }
+    return {
+        "questions": _verdict(comparison["diff"], comparison["p_bootstrap"], alpha),
+        "seeds": _verdict(comparison["diff"], comparison["seed_p"], alpha),
+        "evidence": prefix + _comparison_evidence(comparison),
+        "mde": comparison["mde"],
+    }
 
 
 def check_claims(
     study: Study, hypotheses: dict, table: list[dict], n_boot: int = 10_000
 ) -> list[dict]:
-    """A verdict and a sentence of evidence for each claim in ``hypotheses["claims"]``.
+    """Verdicts and a sentence of evidence for each claim in ``hypotheses["claims"]``.
 
-    ``supported``: the direction holds and, where a per-question test applies, the paired
-    bootstrap p < alpha. ``not supported``: reversed with p < alpha (or, for curve rules,
-    reversed in every paired seed). ``inconclusive``: anything else, including too few
-    seeds; ``inconclusive (not run)`` when the claim names an experiment the study lacks.
-    A claim over several experiments (a list in ``a``) is supported when it is for every
-    one of them, and not supported when it is not for any one.
+    Each claim gets ``verdict_questions`` (paired bootstrap over questions; ``None`` for a
+    rule without a per-question measure), ``verdict_seeds`` (paired t-test over seeds) and
+    the headline ``verdict``: the one over questions where there is one, else over seeds.
+    ``inconclusive (not run)`` when the claim names an experiment the study lacks. A claim
+    over several experiments (a list in ``a``) is supported when it is for every one of
+    them, and not supported when it is not for any one.
     """
     alpha = float(hypotheses.get("alpha", 0.05))
     by_name = {row["experiment"]: row for row in table}
@@ -234,18 +271,87 @@ def check_claims(
         absent = [name for name in names if name not in by_name]
         empty = [name for name in names if name in by_name and by_name[name]["n_seeds_ok"] == 0]
         if absent:
-            verdict, evidence = "inconclusive (not run)", f"not run: {', '.join(absent)}."
-        elif empty:
-            verdict, evidence = INCONCLUSIVE, f"no successful runs: {', '.join(empty)}."
-        else:
-            parts = [_member_verdict(study, claim, name, table, alpha, n_boot) for name in members]
-            member_verdicts = [part["verdict"] for part in parts]
-            if all(v == SUPPORTED for v in member_verdicts):
-                verdict = SUPPORTED
-            elif NOT_SUPPORTED in member_verdicts:
-                verdict = NOT_SUPPORTED
-            else:
-                verdict = INCONCLUSIVE
-            evidence = " ".join(part["evidence"] for part in parts)
-        verdicts.append({**base, "verdict": verdict, "evidence": evidence})
+            verdict = "inconclusive (not run)"
+            verdicts.append(
+                {
+                    **base,
+                    "verdict": verdict,
+                    "verdict_questions": verdict,
+                    "verdict_seeds": verdict,
+                    "evidence": f"not run: {', '.join(absent)}.",
+                }
+            )
+            continue
+        if empty:
+            verdicts.append(
+                {
+                    **base,
+                    "verdict": INCONCLUSIVE,
+                    "verdict_questions": INCONCLUSIVE,
+                    "verdict_seeds": INCONCLUSIVE,
+                    "evidence": f"no successful runs: {', '.join(empty)}.",
+                }
+            )
+            continue
+        parts = [_member(study, claim, name, table, alpha, n_boot) for name in members]
+        over_questions = None
+        if all(part["questions"] is not None for part in parts):
+            over_questions = _combine([part["questions"] for part in parts])
+        over_seeds = _combine([part["seeds"] for part in parts])
+        verdicts.append(
+            {
+                **base,
+                "verdict": over_questions if over_questions is not None else over_seeds,
+                "verdict_questions": over_questions,
+                "verdict_seeds": over_seeds,
+                "evidence": " ".join(part["evidence"] for part in parts),
+                "mde": [part.get("mde", math.nan) for part in parts],
+            }
+        )
     return verdicts
+
+
+def check_controls(study: Study, hypotheses: dict, n_boot: int = 10_000) -> list[dict]:
+    """Each positive control: every member of ``a`` against ``b`` on the control's subset.
+
+    ``detected`` is True when every member beats ``b`` there with paired bootstrap p < alpha,
+    False when some member does not, and None when the study cannot test it (a strategy not
+    run, or no subset labels: not a synthetic benchmark set).
+    """
+    alpha = float(hypotheses.get("alpha", 0.05))
+    power = float(hypotheses.get("power", 0.8))
+    out = []
+    for control in hypotheses.get("controls") or []:
+        subset = control["subset"]
+        row = {
+            "id": control["id"],
+            "text": control.get("text", control["id"]),
+            "subset": subset,
+            "comparisons": [],
+            "detected": None,
+        }
+        if subset not in set(study.subsets.values()):
+            row["reason"] = f"no test questions labelled {subset!r} (not the synthetic benchmark?)"
+            out.append(row)
+            continue
+        for name in _as_list(control["a"]):
+            comparison = paired_comparison(
+                study,
+                name,
+                control["b"],
+                "em",
+                n_boot=n_boot,
+                subset=subset,
+                alpha=alpha,
+                power=power,
+            )
+            if comparison is None:
+                row["reason"] = f"no paired predictions for {name} and {control['b']}"
+                break
+            row["comparisons"].append(comparison)
+        else:
+            row["detected"] = all(
+                c["diff"] > 0 and c["p_bootstrap"] < alpha for c in row["comparisons"]
+            )
+        out.append(row)
+    return out

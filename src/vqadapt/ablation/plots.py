@@ -183,3 +183,89 @@ def plot_per_type(study: res.Study, rows: list[dict]) -> bytes | None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
+
+
+def plot_data_efficiency(study: res.Study, rows: list[dict]) -> bytes | None:
+    """Test EM against training questions (log x), one line per experiment (error bars: 95%
+    CI over seeds, or over questions with one seed); hollow markers: undertrained cells."""
+    points = [r for r in rows if _finite(r["test_em_mean"]) and r["train_questions"]]
+    if len({r["train_questions"] for r in points}) < 2:
+        return None
+    colours = _colours(study)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for experiment in study.experiments:
+        mine = sorted(
+            (r for r in points if r["experiment"] == experiment.name),
+            key=lambda r: r["train_questions"],
+        )
+        if not mine:
+            continue
+        x = [r["train_questions"] for r in mine]
+        y = [100 * r["test_em_mean"] for r in mine]
+        low = [max(0.0, yi - 100 * r["test_em_ci_low"]) for yi, r in zip(y, mine, strict=True)]
+        high = [max(0.0, 100 * r["test_em_ci_high"] - yi) for yi, r in zip(y, mine, strict=True)]
+        colour = colours[experiment.name]
+        ax.errorbar(
+            x, y, yerr=[low, high], marker="o", capsize=3, color=colour, label=experiment.name
+        )
+        hollow = [(xi, yi) for xi, yi, r in zip(x, y, mine, strict=True) if r["undertrained_seeds"]]
+        if hollow:
+            ax.plot(*zip(*hollow, strict=True), "o", ms=9, mfc="white", color=colour, zorder=3)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted({r["train_questions"] for r in points}))
+    ax.set_xlabel("training questions (log scale)")
+    ax.set_ylabel("test EM (%)")
+    ax.set_title("Data efficiency: test EM against training questions (hollow: best epoch = last)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def plot_cost(study: res.Study, table: list[dict]) -> bytes | None:
+    """Test EM against three costs measured per cell: training seconds, peak resident
+    memory of the cell's process, trainable parameters (error bars: 95% CI)."""
+    panels = (
+        ("train_seconds_mean", "training seconds (epochs incl. validation)", False),
+        ("peak_rss_mb_mean", "peak resident memory of the cell process (MiB)", False),
+        ("trainable_params", "trainable parameters (log scale)", True),
+    )
+    rows = [r for r in table if _finite(r["test_em_mean"])]
+    if not rows:
+        return None
+    colours = _colours(study)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    drawn = False
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for row in rows:
+            if not _finite(row.get(key)) or not row.get(key):
+                continue
+            drawn = True
+            mean = 100 * row["test_em_mean"]
+            err = [
+                [max(0.0, mean - 100 * row["test_em_ci_low"])],
+                [max(0.0, 100 * row["test_em_ci_high"] - mean)],
+            ]
+            ax.errorbar(
+                row[key], mean, yerr=err, fmt="o", capsize=3, color=colours[row["experiment"]]
+            )
+            ax.annotate(
+                row["experiment"],
+                (row[key], mean),
+                textcoords="offset points",
+                xytext=(5, 3),
+                fontsize=7,
+            )
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_params(x)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("test EM (%)")
+        ax.grid(alpha=0.3, which="both")
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.suptitle("Test EM against cost, measured per cell (error bars: 95% CI)")
+    return _png(fig)

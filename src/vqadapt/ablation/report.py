@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from vqadapt.ablation import results as res
 from vqadapt.ablation.plots import (
     _finite,
     fmt_params,
+    plot_cost,
+    plot_data_efficiency,
     plot_em_vs_params,
     plot_gradient_flow,
     plot_learning_curves,
@@ -177,9 +180,26 @@ def _header(study: res.Study, hypotheses_source: str) -> list[Block]:
                 f"Preset: {study.preset}",
                 f"Seeds: {', '.join(str(s) for s in study.seeds)}",
                 f"Data set: {data}",
-                f"Experiments: {len(study.experiments)}; successful cells: {ok} of {total}",
+                f"Experiments: {len(study.experiments)}; successful cells: {ok} of {total}"
+                + (
+                    f" at the main training fraction; training fractions: "
+                    f"{', '.join(f'{f:g}' for f in study.train_fractions)}"
+                    if len(study.train_fractions) > 1
+                    else ""
+                ),
                 f"Hypotheses: {hypotheses_source}",
             ]
+            + (
+                [
+                    "Test questions per control subset: "
+                    + ", ".join(
+                        f"{name} {sum(v == name for v in study.subsets.values())}"
+                        for name in sorted(set(study.subsets.values()))
+                    )
+                ]
+                if study.subsets
+                else []
+            )
             + ([f"Notes: {study.notes}"] if study.notes else [])
         ),
     ]
@@ -198,11 +218,14 @@ def _failed(study: res.Study) -> list[Block]:
     blocks: list[Block] = [Heading("Failed cells")]
     if not study.failed_cells:
         return [*blocks, Para("None: every cell succeeded.")]
-    rows = [[c.experiment, str(c.seed), c.status, c.reason] for c in study.failed_cells]
+    rows = [
+        [c.experiment, f"{c.fraction:g}", str(c.seed), c.status, c.reason]
+        for c in study.failed_cells
+    ]
     return [
         *blocks,
         Para("These cells are excluded from every statistic below."),
-        Table(["experiment", "seed", "status", "reason"], rows),
+        Table(["experiment", "training fraction", "seed", "status", "reason"], rows),
     ]
 
 
@@ -218,7 +241,8 @@ def _main_table(table: list[dict]) -> list[Block]:
         "overfit onset",
         "loss std",
         "grad spike",
-        "wall time (s)",
+        "train s",
+        "peak MiB",
     ]
     rows = []
     for r in table:
@@ -237,21 +261,43 @@ def _main_table(table: list[dict]) -> list[Block]:
                 fmt_mean_std(r["best_val_loss_mean"], r["best_val_loss_std"]),
                 em,
                 fmt_mean_std(r["test_f1_mean"], r["test_f1_std"], scale=100, decimals=1),
-                fmt_num(r["best_epoch_mean"], 2),
+                _best_epoch_text(r),
                 onset if r["n_seeds_ok"] else "–",
                 fmt_num(r["loss_std"]),
                 fmt_num(r["grad_spike"]),
-                fmt_num(r["wall_time_s_mean"], 4),
+                f"{r['train_seconds_mean']:.0f}" if _finite(r["train_seconds_mean"]) else "–",
+                f"{r['peak_rss_mb_mean']:.0f}" if _finite(r["peak_rss_mb_mean"]) else "–",
             ]
         )
-    return [
+    blocks: list[Block] = [
         Heading("Results"),
         Para(
             "Mean ± std over successful seeds. EM CIs are over seeds; (q) marks an "
-            "experiment with one successful seed, whose CI is over test questions."
+            "experiment with one successful seed, whose CI is over test questions. Best "
+            "epoch: lowest validation loss; 'undertrained' when the epoch the run selected "
+            "was its last (it might still have improved). Train s: seconds of the epochs "
+            "(training and per-epoch validation); peak MiB: the cell process's peak resident "
+            "memory (both measured per cell, on a machine shared with whatever else ran)."
         ),
         Table(headers, rows),
     ]
+    under = [r["experiment"] for r in table if r["undertrained_seeds"]]
+    if under:
+        blocks.append(
+            Para(
+                f"Undertrained: {', '.join(under)} selected their last epoch; more epochs "
+                "might change their ranking.",
+                note=True,
+            )
+        )
+    return blocks
+
+
+def _best_epoch_text(r: dict) -> str:
+    text = fmt_num(r["best_epoch_mean"], 2)
+    if r["undertrained_seeds"]:
+        text += f" (undertrained: {r['undertrained_seeds']}/{r['n_seeds_ok']} seeds)"
+    return text
 
 
 def _coverage_table(table: list[dict]) -> list[Block]:
@@ -284,6 +330,7 @@ def _significance(rows: list[dict]) -> list[Block]:
         if not r.get("n_questions"):
             table.append([r["experiment"], r["reference"], "no paired predictions", *[""] * 5])
             continue
+        needed = r["questions_needed"]
         table.append(
             [
                 r["experiment"],
@@ -292,8 +339,10 @@ def _significance(rows: list[dict]) -> list[Block]:
                 f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]",
                 fmt_p(r["p_bootstrap"]),
                 f"{fmt_p(r['p_mcnemar'])} ({r['mcnemar_b']}/{r['mcnemar_c']})",
+                f"{100 * r['mde']:.1f}",
+                f"{needed:,.0f}" if _finite(needed) and needed < 1e9 else "–",
+                fmt_p(r["seed_p"]) if len(r["seeds"]) > 1 else "one seed",
                 str(r["n_questions"]),
-                " ".join(str(s) for s in r["seeds"]),
             ]
         )
     headers = [
@@ -303,10 +352,22 @@ def _significance(rows: list[dict]) -> list[Block]:
         "95% CI",
         "paired bootstrap p",
         "McNemar p (b/c)",
+        "min. detectable (points)",
+        "questions needed",
+        "over seeds p",
         "questions",
-        "paired seeds",
     ]
-    return [*blocks, Table(headers, table)]
+    return [
+        *blocks,
+        Para(
+            "Min. detectable: the smallest EM difference this test detects with 80% power at "
+            "alpha 0.05, for this many paired questions (2.80 x the standard error of the mean "
+            "per-question difference). Questions needed: how many paired questions would make "
+            "the observed difference detectable with 80% power. Over seeds: paired t-test of "
+            "the per-seed EM differences (includes training noise; needs 2 seeds or more)."
+        ),
+        Table(headers, table),
+    ]
 
 
 def _hypotheses(
@@ -349,10 +410,180 @@ def _hypotheses(
     claims = hyp.check_claims(study, hypotheses, table)
     blocks.append(
         Table(
-            ["claim", "verdict", "evidence"],
-            [[c["text"], c["verdict"], c["evidence"]] for c in claims],
+            ["claim", "verdict", "over questions", "over seeds", "evidence"],
+            [
+                [
+                    c["text"],
+                    c["verdict"],
+                    c["verdict_questions"] or "no per-question measure",
+                    c["verdict_seeds"] if len(study.seeds) > 1 else "one seed: no test",
+                    c["evidence"],
+                ]
+                for c in claims
+            ],
         )
     )
+    decisive = sum(c["verdict"] in (hyp.SUPPORTED, hyp.NOT_SUPPORTED) for c in claims)
+    blocks.append(
+        Para(
+            f"{decisive} of {len(claims)} claims got a decisive verdict (p < "
+            f"{hypotheses.get('alpha', 0.05)}). Verdicts over questions speak about these "
+            "trained models; only the verdicts over seeds include training noise."
+        )
+    )
+    return blocks
+
+
+def _controls(study: res.Study, hypotheses: dict | None) -> list[Block]:
+    if not hypotheses or not hypotheses.get("controls"):
+        return []
+    blocks: list[Block] = [
+        Heading("Positive controls"),
+        Para(
+            "Each control is a subset of test questions built so that the named strategies "
+            "should beat the reference there if they are implemented correctly (README: the "
+            "embedded benchmark). A study that misses a control cannot tell strategies apart."
+        ),
+    ]
+    rows = []
+    for control in hyp.check_controls(study, hypotheses):
+        state = {True: "detected", False: "NOT detected", None: "not testable"}[control["detected"]]
+        if not control["comparisons"]:
+            rows.append([control["text"], control["subset"], "–", "–", "–", "–", "–", state])
+            continue
+        for c in control["comparisons"]:
+            rows.append(
+                [
+                    control["text"],
+                    f"{c['subset']} ({c['n_questions']} q)",
+                    f"{c['experiment']} vs {c['reference']}",
+                    f"{fmt_pct(c['score_a'])} vs {fmt_pct(c['score_b'])}",
+                    f"{100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]",
+                    fmt_p(c["p_bootstrap"]),
+                    f"{100 * c['mde']:.1f}",
+                    state,
+                ]
+            )
+    headers = [
+        "control",
+        "subset",
+        "comparison",
+        "EM %",
+        "diff (points) [95% CI]",
+        "p",
+        "min. detectable",
+        "result",
+    ]
+    return [*blocks, Table(headers, rows)]
+
+
+def _power(study: res.Study, significance: list[dict]) -> list[Block]:
+    rows = [r for r in significance if r.get("n_questions")]
+    if not rows:
+        return []
+    mdes = [100 * r["mde"] for r in rows if _finite(r["mde"])]
+    n = max(r["n_questions"] for r in rows)
+    items = [
+        f"{n} paired test questions per comparison ({len(study.seeds)} seed(s) x "
+        f"{n // max(1, len(study.seeds))} questions).",
+        f"Minimum detectable EM difference (80% power, alpha 0.05) of the paired comparisons "
+        f"over questions: {min(mdes):.1f} to {max(mdes):.1f} points; smaller differences are "
+        "likely to come out inconclusive however real they are.",
+    ]
+    seed_mdes = [100 * r["seed_mde"] for r in rows if _finite(r.get("seed_mde", math.nan))]
+    if seed_mdes:
+        items.append(
+            f"Over seeds ({len(study.seeds)}): minimum detectable EM difference {min(seed_mdes):.1f} "
+            f"to {max(seed_mdes):.1f} points (paired t-test, per-seed differences' spread)."
+        )
+    else:
+        items.append(
+            "Over seeds: one seed measures no training noise; the verdicts over questions "
+            "are about these trained models (run several seeds, e.g. --seeds 3, to test over "
+            "seeds)."
+        )
+    return [Heading("Power of this study"), Bullets(items)]
+
+
+def _subset_table(rows: list[dict]) -> list[Block]:
+    if not rows:
+        return []
+    subsets = list(dict.fromkeys(r["subset"] for r in rows))
+    names = list(dict.fromkeys(r["experiment"] for r in rows))
+    by_key = {(r["experiment"], r["subset"]): r for r in rows}
+    body = [
+        [name]
+        + [
+            fmt_mean_std(by_key[name, t]["em_mean"], by_key[name, t]["em_std"], 100, 1)
+            if (name, t) in by_key
+            else "–"
+            for t in subsets
+        ]
+        for name in names
+    ]
+    counts = {t: rows[[r["subset"] for r in rows].index(t)]["n"] for t in subsets}
+    headers = ["experiment"] + [f"{t} (n={counts[t]})" for t in subsets]
+    return [Heading("Test EM % per control subset"), Table(headers, body)]
+
+
+def _efficiency(study: res.Study, rows: list[dict], plot: bool) -> list[Block]:
+    if len(study.train_fractions) < 2 or not rows:
+        return []
+    sizes = sorted({r["train_questions"] for r in rows if r["train_questions"]})
+    by_key = {(r["experiment"], r["train_questions"]): r for r in rows}
+    body = []
+    for experiment in study.experiments:
+        line = [experiment.name]
+        for size in sizes:
+            r = by_key.get((experiment.name, size))
+            if r is None:
+                line.append("–")
+                continue
+            text = fmt_mean_std(r["test_em_mean"], r["test_em_std"], 100, 1)
+            if _finite(r["test_em_ci_low"]):
+                text += f" [{fmt_pct(r['test_em_ci_low'])}, {fmt_pct(r['test_em_ci_high'])}]"
+            if r["undertrained_seeds"]:
+                text += " (u)"
+            line.append(text)
+        body.append(line)
+    blocks: list[Block] = [
+        Heading("Data efficiency"),
+        Para(
+            "Test EM % (95% CI) against the number of training questions; each smaller set is "
+            "the first part of every larger one, trained for the same epochs. (u): undertrained "
+            "(the selected epoch was the last)."
+        ),
+        Table(["experiment"] + [f"{size:,} questions" for size in sizes], body),
+    ]
+    if plot:
+        blocks.append(Image("plots/data_efficiency.png", "Test EM against training questions"))
+    return blocks
+
+
+def _cost(table: list[dict], plot: bool) -> list[Block]:
+    rows = [
+        [
+            r["experiment"],
+            fmt_params(r["trainable_params"]),
+            f"{r['train_seconds_mean']:.0f}" if _finite(r["train_seconds_mean"]) else "–",
+            f"{r['peak_rss_mb_mean']:.0f}" if _finite(r["peak_rss_mb_mean"]) else "–",
+            fmt_mean_std(r["test_em_mean"], r["test_em_std"], 100, 1),
+        ]
+        for r in table
+    ]
+    blocks: list[Block] = [
+        Heading("Cost"),
+        Para(
+            "Measured per cell at the main training fraction: trainable parameters (the plan), "
+            "training seconds (sum of the epochs, validation included) and the peak resident "
+            "memory of the cell's process (training and the loss probe; on a CPU this is the "
+            "whole process, tiny models included). Seconds depend on what else ran on the "
+            "machine at the time."
+        ),
+        Table(["experiment", "trainable params", "train s", "peak MiB", "test EM %"], rows),
+    ]
+    if plot:
+        blocks.append(Image("plots/cost.png", "Test EM against cost"))
     return blocks
 
 
@@ -382,7 +613,8 @@ METHOD_NOTES = [
     "'shift' method, p = (1 + #{|D* - D| >= |D|}) / (B + 1) over B = 10,000 resamples of "
     "the per-question differences (D = observed mean difference). McNemar: exact binomial "
     "test on discordant pairs b (only A right) and c (only B right).",
-    "Best epoch: the epoch of lowest validation loss (mean over seeds).",
+    "Best epoch: the epoch of lowest validation loss (mean over seeds). Undertrained: the "
+    "epoch the run selected (by its early-stopping metric) was its last.",
     "Overfitting onset: the first epoch e after which validation loss rises for 2 consecutive "
     "epochs while training loss falls; 'never' if it does not happen within the run.",
     "Loss std: mean over epochs of the within-epoch std of step losses. Grad spike: mean over "
@@ -391,10 +623,19 @@ METHOD_NOTES = [
     "is more stable for both.",
     "Gradient flow: mean over epochs and seeds of the per-layer grad norm of the trainable "
     "parameters in each text-encoder layer; 0 means the layer has nothing trainable.",
-    "Claim verdicts: 'supported' when the direction holds and the paired bootstrap p < alpha "
-    "(EM claims) or, for curve claims (onset, stability), when it holds in every paired "
-    "seed with at least 2 seeds; 'not supported' when reversed with p < alpha or in every "
-    "paired seed; otherwise 'inconclusive'.",
+    "Generalisation gap: per question, the final model's (last checkpoint) mean token loss "
+    "in eval mode, unweighted; the gap is the mean over held-out test questions minus the "
+    "mean over (up to 2,000 of) its training questions. Two cells' gaps are compared with a "
+    "bootstrap that resamples held-out and training questions independently, pairs kept.",
+    "Claim verdicts: over questions, 'supported' when the direction holds with paired "
+    "bootstrap p < alpha (EM claims: per-question EM; overfitting claims: per-question "
+    "losses of the generalisation gap), 'not supported' when it reverses with p < alpha, "
+    "otherwise 'inconclusive'. Over seeds: the same with a paired t-test of the per-seed "
+    "differences (2 seeds or more; stability claims have only this one).",
+    "Minimum detectable effect (MDE): (z_0.975 + z_0.8) x standard error = 2.80 x SE over "
+    "questions (SE of the mean paired difference); over k seeds, (t_0.975 + t_0.8, k-1 df) x "
+    "sd / sqrt(k) of the per-seed differences. Questions / seeds needed: the count at which "
+    "the observed difference would reach that power.",
 ]
 
 
@@ -427,6 +668,8 @@ def write_report(
     table = res.results_table(study)
     significance = res.significance(study)
     per_type = res.per_type_table(study)
+    subsets = res.subset_table(study)
+    efficiency = res.efficiency_table(study)
     hypotheses_file = _find_hypotheses(study_dir, hypotheses_path)
     hypotheses = hyp.load_hypotheses(hypotheses_file) if hypotheses_file else None
     source = str(hypotheses_file) if hypotheses_file else "none found"
@@ -454,22 +697,34 @@ def write_report(
         ),
         "plots/per_type_em.png": (plot_per_type(study, per_type), "Test EM per question type"),
     }
+    extra_plots = {
+        "plots/data_efficiency.png": plot_data_efficiency(study, efficiency),
+        "plots/cost.png": plot_cost(study, table),
+    }
     images = {path: data for path, (data, _) in plots.items() if data is not None}
+    images.update({path: data for path, data in extra_plots.items() if data is not None})
     for path, data in images.items():
         save(path, data)
 
+    alpha = float((hypotheses or {}).get("alpha", 0.05))
     blocks: list[Block] = [
         *_header(study, source),
         *_failed(study),
         *_main_table(table),
         *_coverage_table(table),
+        *_controls(study, hypotheses),
+        *_power(study, significance),
         *_significance(significance),
         *_hypotheses(study, hypotheses, source, table),
+        *_subset_table(subsets),
         *_per_type_table(per_type),
+        *_efficiency(study, efficiency, "plots/data_efficiency.png" in images),
+        *_cost(table, "plots/cost.png" in images),
         Heading("Plots"),
         *[Image(path, caption) for path, (data, caption) in plots.items() if data is not None],
         Heading("Method notes"),
         Bullets(METHOD_NOTES),
+        *_recommendation(study, table, efficiency, hypotheses, alpha),
     ]
     title = f"Ablation report: {study.preset}"
     save("report.md", render_markdown(blocks))
@@ -478,4 +733,57 @@ def write_report(
     written["results.csv"] = out_dir / "results.csv"
     res.write_results_csv(significance, out_dir / "significance.csv")
     written["significance.csv"] = out_dir / "significance.csv"
+    if len(study.train_fractions) > 1:
+        res.write_results_csv(efficiency, out_dir / "efficiency.csv")
+        written["efficiency.csv"] = out_dir / "efficiency.csv"
     return written
+
+
+def _recommendation(
+    study: res.Study,
+    table: list[dict],
+    efficiency: list[dict],
+    hypotheses: dict | None,
+    alpha: float,
+) -> list[Block]:
+    from vqadapt.ablation.real_counts import REAL_SHAPES
+    from vqadapt.ablation.recommend import parameter_rows, recommendation
+
+    paragraphs = recommendation(study, table, efficiency, alpha)
+    if not paragraphs:
+        return []
+    blocks: list[Block] = [Heading("Recommendation"), *[Para(text) for text in paragraphs]]
+    if study.synthetic:
+        blocks.append(
+            Para(
+                "This is a recommendation for the embedded benchmark (tiny backbones, "
+                "synthetic questions built to need adaptation); on a real data set, run the "
+                "study there.",
+                note=True,
+            )
+        )
+    try:
+        rows = parameter_rows(study, hypotheses)
+    except Exception as err:  # the counts need transformers + peft; the report stands without
+        return [*blocks, Para(f"Exact counts at the real shapes not computed: {err}")]
+    blocks += [
+        Para(
+            f"What each strategy trains at the real backbones' shapes, {REAL_SHAPES}: exact "
+            "counts from the same adaptation code on meta-device models built from config (no "
+            "download). The adapted-encoder column is what the strategy adds; the decoder side "
+            "(with its own copy of the 40,030 x 1,024 embedding) and the projector train in "
+            "every strategy."
+        ),
+        Table(
+            [
+                "experiment",
+                "strategy",
+                "seed's figure",
+                "adapted encoder params (exact)",
+                "all trainable params",
+                "share of the model",
+            ],
+            rows,
+        ),
+    ]
+    return blocks

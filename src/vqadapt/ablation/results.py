@@ -22,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from vqadapt.ablation import stats
+from vqadapt.ablation.probe import LOSSES_FILE
 from vqadapt.errors import VQADataError
 
 
@@ -47,6 +48,10 @@ class RunResult:
     """One dict per test question, from ``predictions_test.jsonl`` (may be empty)."""
     error: str | None = None
     """Why the cell failed or was set aside; ``None`` for a usable cell."""
+    resources: dict | None = None
+    """``resources.json``: the cell process's peak resident memory and times (the runner)."""
+    question_losses: dict | None = None
+    """``question_losses.json``: per-question losses of the final model (``probe``)."""
 
     @property
     def ok(self) -> bool:
@@ -62,6 +67,27 @@ class RunResult:
         test = (self.summary or {}).get("test") or {}
         return _to_float(test.get(key))
 
+    def train_questions(self) -> int | None:
+        """How many training questions the cell trained on."""
+        value = ((self.summary or {}).get("data") or {}).get("train")
+        return int(value) if isinstance(value, int | float) else None
+
+    def train_seconds(self) -> float:
+        """Seconds of the epochs (training and the per-epoch validation), from metrics.jsonl."""
+        seconds = [_to_float(row.get("seconds")) for row in self.metrics]
+        return float(sum(seconds)) if seconds and all(map(math.isfinite, seconds)) else math.nan
+
+    def subset_scores(self, subsets: dict[str, str], subset: str | None, key: str = "em"):
+        """``{question id: score}`` of the test questions in ``subset`` (all when None)."""
+        out = {}
+        for p in self.predictions:
+            qid = str(p.get("id"))
+            if subset is None or subsets.get(qid) == subset:
+                value = _to_float(p.get(key))
+                if math.isfinite(value):
+                    out[qid] = value
+        return out
+
 
 @dataclass
 class ExperimentResult:
@@ -71,6 +97,9 @@ class ExperimentResult:
     description: str = ""
     overrides: dict = field(default_factory=dict)
     runs: list[RunResult] = field(default_factory=list)
+    """The runs of the main (largest) training fraction, one per seed."""
+    fraction_runs: dict[float, list[RunResult]] = field(default_factory=dict)
+    """Every training fraction's runs (the main one included), for data efficiency."""
 
     @property
     def ok_runs(self) -> list[RunResult]:
@@ -90,6 +119,7 @@ class FailedCell:
     seed: int
     status: str
     reason: str
+    fraction: float = 1.0
 
 
 @dataclass
@@ -103,6 +133,9 @@ class Study:
     notes: str = ""
     failed_cells: list[FailedCell] = field(default_factory=list)
     path: Path | None = None
+    train_fractions: list[float] = field(default_factory=lambda: [1.0])
+    subsets: dict[str, str] = field(default_factory=dict)
+    """Test question id -> control subset (``subsets.csv`` beside a synthetic test set)."""
 
     def experiment(self, name: str) -> ExperimentResult | None:
         """The experiment called ``name``, if it is part of the study."""
@@ -157,9 +190,34 @@ def load_run(cell_dir: Path, seed: int) -> RunResult:
         metrics = _read_jsonl(metrics_path) if metrics_path.exists() else []
         predictions_path = cell_dir / "predictions_test.jsonl"
         predictions = _read_jsonl(predictions_path) if predictions_path.exists() else []
+        extras = {}
+        for key, name in (("resources", "resources.json"), ("question_losses", LOSSES_FILE)):
+            if (cell_dir / name).is_file():
+                extras[key] = _read_json(cell_dir / name)
     except (VQADataError, OSError, AttributeError) as err:
         return RunResult(seed=seed, status="failed", error=str(err))
-    return RunResult(seed, "success", metrics, summary, predictions)
+    return RunResult(seed, "success", metrics, summary, predictions, **extras)
+
+
+def _cell_dir(study_dir: Path, name: str, seed: int, fraction: float, main: float) -> Path:
+    if fraction == main:
+        return study_dir / name / f"seed{seed}"
+    return study_dir / name / f"train{fraction:g}" / f"seed{seed}"
+
+
+def _load_subsets(experiments: list[ExperimentResult]) -> dict[str, str]:
+    """The control subset of each test question, from ``subsets.csv`` beside the test file
+    the cells read (synthetic sets write it); empty when there is none."""
+    from vqadapt.data.synth import read_subsets
+
+    for experiment in experiments:
+        for run in experiment.ok_runs:
+            test = (((run.summary or {}).get("data") or {}).get("sources") or {}).get("test")
+            path = Path(test).parent / "subsets.csv" if test else None
+            if path is not None and path.is_file():
+                rows = read_subsets(path).get("test", {})
+                return {qid: row["subset"] for qid, row in rows.items()}
+    return {}
 
 
 def load_study(study_dir: str | Path) -> Study:
@@ -170,6 +228,8 @@ def load_study(study_dir: str | Path) -> Study:
         raise VQADataError("no study.json: not a study directory", file=manifest_path)
     manifest = _read_json(manifest_path)
     seeds = [int(seed) for seed in manifest.get("seeds", [0])]
+    fractions = sorted(float(f) for f in manifest.get("train_fractions", [1.0]))
+    main = fractions[-1]
     experiments, failed = [], []
     for number, spec in enumerate(manifest.get("experiments", []), start=1):
         spec = {"name": spec} if isinstance(spec, str) else spec
@@ -180,11 +240,16 @@ def load_study(study_dir: str | Path) -> Study:
             description=spec.get("description", ""),
             overrides=spec.get("overrides") or {},
         )
-        for seed in seeds:
-            run = load_run(study_dir / experiment.name / f"seed{seed}", seed)
-            experiment.runs.append(run)
-            if not run.ok:
-                failed.append(FailedCell(experiment.name, seed, run.status, run.error or ""))
+        for fraction in fractions:
+            runs = []
+            for seed in seeds:
+                run = load_run(_cell_dir(study_dir, experiment.name, seed, fraction, main), seed)
+                runs.append(run)
+                if not run.ok:
+                    reason = run.error or ""
+                    failed.append(FailedCell(experiment.name, seed, run.status, reason, fraction))
+            experiment.fraction_runs[fraction] = runs
+        experiment.runs = experiment.fraction_runs[main]
         experiments.append(experiment)
     return Study(
         preset=str(manifest.get("preset", "unknown")),
@@ -194,6 +259,8 @@ def load_study(study_dir: str | Path) -> Study:
         notes=str(manifest.get("notes", "")),
         failed_cells=failed,
         path=study_dir,
+        train_fractions=fractions,
+        subsets=_load_subsets(experiments),
     )
 
 
@@ -214,17 +281,38 @@ def run_stats(run: RunResult, patience: int = 2) -> dict:
     stable = {"loss_std": math.nan, "grad_spike": math.nan}
     if run.metrics and all(math.isfinite(v) for v in loss_std + grad_max):
         stable = stats.stability(loss_std, grad_max, grad_mean)
+    epochs = len(run.metrics) or summary.get("epochs_run")
+    selected = summary.get("best_epoch")  # by the run's early-stopping metric
+    resources = run.resources or {}
     return {
         "best_val_loss": min(val) if have_curves else _to_float(summary.get("best_val_loss")),
-        "best_epoch": stats.convergence_epoch(val) if have_curves else summary.get("best_epoch"),
+        "best_epoch": stats.convergence_epoch(val) if have_curves else selected,
+        "selected_epoch": selected,
+        "undertrained": bool(selected and epochs and selected == epochs),
         "onset": stats.overfitting_onset(train, val, patience) if have_curves else None,
-        "epochs": len(run.metrics) or summary.get("epochs_run"),
+        "epochs": epochs,
         "gap": val[-1] - train[-1] if have_curves else math.nan,
+        "question_gap": question_gap(run),
         "em": run.test_metric("em"),
         "f1": run.test_metric("f1"),
         "wall_time_s": _to_float(summary.get("wall_time_s")),
+        "train_seconds": run.train_seconds(),
+        "peak_rss_mb": _to_float(resources.get("peak_rss_mb")),
         **stable,
     }
+
+
+def question_gap(run: RunResult) -> float:
+    """Generalisation gap of the final model: mean held-out minus mean training loss per
+    question (``question_losses.json``), NaN without it."""
+    losses = run.question_losses or {}
+    held, train = (
+        list((losses.get("test") or {}).values()),
+        list((losses.get("train") or {}).values()),
+    )
+    if not held or not train:
+        return math.nan
+    return float(np.mean(held) - np.mean(train))
 
 
 def _params(experiment: ExperimentResult) -> dict:
@@ -302,8 +390,77 @@ def results_table(study: Study) -> list[dict]:
                 "grad_spike": _nanmean([r["grad_spike"] for r in per_run]),
                 "wall_time_s_mean": _nanmean([r["wall_time_s"] for r in per_run]),
                 "epochs_run_mean": _nanmean([r["epochs"] for r in per_run]),
+                "undertrained_seeds": sum(r["undertrained"] for r in per_run),
+                "generalisation_gap": _nanmean([r["question_gap"] for r in per_run]),
+                "train_seconds_mean": _nanmean([r["train_seconds"] for r in per_run]),
+                "peak_rss_mb_mean": _nanmean([r["peak_rss_mb"] for r in per_run]),
+                "train_questions": next(
+                    (q for q in (run.train_questions() for run in experiment.ok_runs) if q), None
+                ),
             }
         )
+    return rows
+
+
+def efficiency_table(study: Study) -> list[dict]:
+    """One row per experiment and training fraction: training questions, test EM (mean, std
+    and CI over seeds, or over questions with one seed), train seconds, peak memory,
+    trainable parameters and whether the best epoch was the last."""
+    rows = []
+    for experiment in study.experiments:
+        params = _params(experiment)
+        for fraction in study.train_fractions:
+            runs = [run for run in experiment.fraction_runs.get(fraction, []) if run.ok]
+            if not runs:
+                continue
+            per_run = [run_stats(run) for run in runs]
+            em = stats.combine_seeds([r["em"] for r in per_run])
+            if len(runs) == 1 and runs[0].predictions:
+                em["ci"] = stats.bootstrap_ci(_question_correctness(runs[0]))
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "fraction": fraction,
+                    "train_questions": runs[0].train_questions(),
+                    "seeds": len(runs),
+                    "test_em_mean": em["mean"],
+                    "test_em_std": em["std"],
+                    "test_em_ci_low": em["ci"][0],
+                    "test_em_ci_high": em["ci"][1],
+                    "train_seconds_mean": _nanmean([r["train_seconds"] for r in per_run]),
+                    "peak_rss_mb_mean": _nanmean([r["peak_rss_mb"] for r in per_run]),
+                    "trainable_params": params.get("trainable"),
+                    "undertrained_seeds": sum(r["undertrained"] for r in per_run),
+                    "epochs_run_mean": _nanmean([r["epochs"] for r in per_run]),
+                }
+            )
+    return rows
+
+
+def subset_table(study: Study) -> list[dict]:
+    """Test EM per control subset and experiment (main fraction): mean and std over seeds."""
+    if not study.subsets:
+        return []
+    names = sorted(set(study.subsets.values()))
+    rows = []
+    for experiment in study.experiments:
+        for subset in names:
+            values = []
+            for run in experiment.ok_runs:
+                scores = run.subset_scores(study.subsets, subset)
+                if scores:
+                    values.append(float(np.mean(list(scores.values()))))
+            combined = stats.combine_seeds(values)
+            count = sum(1 for value in study.subsets.values() if value == subset)
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "subset": subset,
+                    "em_mean": combined["mean"],
+                    "em_std": combined["std"],
+                    "n": count,
+                }
+            )
     return rows
 
 
@@ -377,42 +534,56 @@ def mean_curves(experiment: ExperimentResult, keys: tuple[str, ...]) -> dict[str
 
 
 def paired_comparison(
-    study: Study, name_a: str, name_b: str, metric: str = "em", n_boot: int = 10_000
+    study: Study,
+    name_a: str,
+    name_b: str,
+    metric: str = "em",
+    n_boot: int = 10_000,
+    subset: str | None = None,
+    alpha: float = 0.05,
+    power: float = 0.8,
 ) -> dict | None:
     """Compare two experiments question by question, seeds paired and concatenated.
 
-    For every seed where both experiments succeeded, the test questions both predicted are
-    matched by ``id``; the per-question ``metric`` values of all such seeds are concatenated
-    and passed to ``stats.paired_bootstrap`` and ``stats.mcnemar``. ``None`` when nothing
-    can be paired.
+    For every seed where both experiments succeeded, the test questions both predicted (of
+    ``subset`` when given) are matched by ``id``; the per-question ``metric`` values of all
+    such seeds are concatenated and passed to ``stats.paired_bootstrap`` and
+    ``stats.mcnemar``. Also: the minimum detectable effect of this test (``mde``: 80% power,
+    two-sided ``alpha``) and the questions a decision at the observed difference would need;
+    and, over seeds (``seed_*``), a paired t-test of the per-seed differences, its minimum
+    detectable effect and the seeds a decision would need. ``None`` when nothing pairs.
     """
     exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
     if exp_a is None or exp_b is None:
         return None
     values_a: list[float] = []
     values_b: list[float] = []
-    seeds = []
+    seeds, per_seed = [], []
     for seed in study.seeds:
         run_a, run_b = exp_a.run(seed), exp_b.run(seed)
         if run_a is None or run_b is None:
             continue
-        scores_b = {str(p.get("id")): _to_float(p.get(metric)) for p in run_b.predictions}
-        pairs = [
-            (_to_float(p.get(metric)), scores_b.get(str(p.get("id")), math.nan))
-            for p in run_a.predictions
-        ]
-        pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
-        if pairs:
+        scores_a = run_a.subset_scores(study.subsets, subset, metric)
+        scores_b = run_b.subset_scores(study.subsets, subset, metric)
+        common = [qid for qid in scores_a if qid in scores_b]
+        if common:
             seeds.append(seed)
-            values_a += [a for a, _ in pairs]
-            values_b += [b for _, b in pairs]
+            a = [scores_a[qid] for qid in common]
+            b = [scores_b[qid] for qid in common]
+            values_a += a
+            values_b += b
+            per_seed.append(float(np.mean(a) - np.mean(b)))
     if not values_a:
         return None
     boot = stats.paired_bootstrap(values_a, values_b, n_boot=n_boot)
+    differences = np.asarray(values_a) - np.asarray(values_b)
+    sd = float(differences.std(ddof=1)) if differences.size > 1 else math.nan
+    over_seeds = stats.paired_t_test(per_seed, alpha)
     result = {
         "experiment": name_a,
         "reference": name_b,
         "metric": metric,
+        "subset": subset or "all",
         "seeds": seeds,
         "n_questions": len(values_a),
         "score_a": float(np.mean(values_a)),
@@ -424,11 +595,73 @@ def paired_comparison(
         "mcnemar_b": math.nan,
         "mcnemar_c": math.nan,
         "p_mcnemar": math.nan,
+        "mde": stats.minimum_detectable_effect(sd / math.sqrt(len(values_a)), alpha, power),
+        "questions_needed": stats.units_needed(sd, boot["diff"], alpha, power),
+        "seed_diffs": per_seed,
+        "seed_p": over_seeds["p_value"],
+        "seed_ci_low": over_seeds["ci"][0],
+        "seed_ci_high": over_seeds["ci"][1],
+        "seed_mde": stats.seed_mde(over_seeds["sd"], len(per_seed), alpha, power),
+        "seeds_needed": stats.seeds_needed(over_seeds["sd"], over_seeds["mean"], alpha, power),
     }
     if metric == "em":
         test = stats.mcnemar(values_a, values_b)
         result.update(mcnemar_b=test["b"], mcnemar_c=test["c"], p_mcnemar=test["p_value"])
     return result
+
+
+def gap_comparison(
+    study: Study, name_a: str, name_b: str, n_boot: int = 10_000, alpha: float = 0.05
+) -> dict | None:
+    """Compare two experiments' generalisation gaps (held-out minus training loss of the
+    final model, ``probe``), questions paired by id and seeds concatenated as in
+    ``paired_comparison``; positive ``diff``: A's gap is larger (A overfits more). Also over
+    seeds: a paired t-test of the per-seed gap differences. ``None`` without losses."""
+    exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
+    if exp_a is None or exp_b is None:
+        return None
+    pooled: dict[str, list[list[float]]] = {"test": [[], []], "train": [[], []]}
+    seeds, per_seed = [], []
+    for seed in study.seeds:
+        run_a, run_b = exp_a.run(seed), exp_b.run(seed)
+        if run_a is None or run_b is None or not run_a.question_losses or not run_b.question_losses:
+            continue
+        seed_means = {}
+        for split in ("test", "train"):
+            losses_a = run_a.question_losses.get(split) or {}
+            losses_b = run_b.question_losses.get(split) or {}
+            common = [qid for qid in losses_a if qid in losses_b]
+            pooled[split][0] += [losses_a[qid] for qid in common]
+            pooled[split][1] += [losses_b[qid] for qid in common]
+            seed_means[split] = (
+                float(np.mean([losses_a[q] - losses_b[q] for q in common])) if common else math.nan
+            )
+        seeds.append(seed)
+        per_seed.append(seed_means["test"] - seed_means["train"])
+    if not seeds or not pooled["test"][0] or not pooled["train"][0]:
+        return None
+    boot = stats.gap_difference_bootstrap(*pooled["test"], *pooled["train"], n_boot=n_boot)
+    over_seeds = stats.paired_t_test(per_seed, alpha)
+    return {
+        "experiment": name_a,
+        "reference": name_b,
+        "seeds": seeds,
+        "n_held_out": len(pooled["test"][0]),
+        "n_train": len(pooled["train"][0]),
+        "gap_a": boot["gap_a"],
+        "gap_b": boot["gap_b"],
+        "diff": boot["diff"],
+        "ci_low": boot["ci"][0],
+        "ci_high": boot["ci"][1],
+        "p_bootstrap": boot["p_value"],
+        "mde": stats.minimum_detectable_effect(boot["se"], alpha),
+        "seed_diffs": per_seed,
+        "seed_p": over_seeds["p_value"],
+        "seed_ci_low": over_seeds["ci"][0],
+        "seed_ci_high": over_seeds["ci"][1],
+        "seed_mde": stats.seed_mde(over_seeds["sd"], len(per_seed), alpha),
+        "seeds_needed": stats.seeds_needed(over_seeds["sd"], over_seeds["mean"], alpha),
+    }
 
 
 def significance(

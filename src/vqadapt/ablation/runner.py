@@ -47,6 +47,8 @@ class Preset:
     experiments: list[Experiment]
     answer_weights: dict[str, Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    train_fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Shares of the training questions each experiment trains on (data efficiency)."""
 
 
 def experiments_dir() -> Path:
@@ -115,14 +117,59 @@ def load_preset(name_or_path: str) -> Preset:
         experiments=experiments,
         answer_weights=values.get("answer_weights"),
         defaults=defaults,
+        train_fractions=check_fractions(values.get("train_fractions", [1.0]), name_or_path),
     )
 
 
+def check_fractions(fractions: Any, where: str) -> list[float]:
+    """Training fractions in (0, 1], sorted, without repeats; the largest is the main study."""
+    if not isinstance(fractions, list | tuple) or not fractions:
+        raise VQAConfigError(
+            f"{where}: train_fractions must be a non-empty list, got {fractions!r}"
+        )
+    values = []
+    for value in fractions:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise VQAConfigError(f"{where}: every train fraction must be in (0, 1], got {value!r}")
+        values.append(float(value))
+    return sorted(set(values))
+
+
+def cell_dir(out: Path, experiment: str, seed: int, fraction: float, main_fraction: float) -> Path:
+    """``<experiment>/seed<k>`` for the main (largest) fraction, else
+    ``<experiment>/train<fraction>/seed<k>``."""
+    if fraction == main_fraction:
+        return out / experiment / f"seed{seed}"
+    return out / experiment / f"train{fraction:g}" / f"seed{seed}"
+
+
+def fraction_samples(preset: Preset, extra: dict[str, Any], log) -> dict[float, int | None]:
+    """``max_train_samples`` of each training fraction: a share of the training split the
+    cells use (after the validation split and any ``max_train_samples`` cap). Cells train on
+    the first questions, so a smaller fraction's questions are part of every larger one's."""
+    if preset.train_fractions == [1.0]:
+        return {1.0: None}
+    from vqadapt import embedded
+    from vqadapt.data.pipeline import load_splits
+
+    config = RunConfig.from_dict({**preset.defaults, **preset.base, **extra})
+    data_dir = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
+    available = len(load_splits(config.data, data_dir).train)
+    return {f: None if f == 1.0 else max(1, round(f * available)) for f in preset.train_fractions}
+
+
 def cell_config(
-    preset: Preset, experiment: Experiment, seed: int, cell: Path, extra: dict[str, Any]
+    preset: Preset,
+    experiment: Experiment,
+    seed: int,
+    cell: Path,
+    extra: dict[str, Any],
+    train_samples: int | None = None,
 ) -> RunConfig:
     values = {**preset.defaults, **preset.base, **experiment.overrides, **extra}
     values.update(seed=seed, output_dir=str(cell))
+    if train_samples is not None:
+        values["max_train_samples"] = train_samples
     config = RunConfig.from_dict(values)
     config.validate()
     return config
@@ -192,6 +239,8 @@ class Job:
     cell: Path
     config: RunConfig
     resume: bool
+    threads: str | None = None
+    """The thread count the job ran with (``OMP_NUM_THREADS`` it was given), for the record."""
 
 
 def expected_cost(config: RunConfig) -> float:
@@ -244,14 +293,26 @@ class _Running:
     process: subprocess.Popen
     log_file: Any
     started: float
+    peak_rss_mb: float | None = None
+    cpu_seconds: float | None = None
+
+
+RESOURCES_FILE = "resources.json"
 
 
 def _start(job: Job, environment: dict[str, str]) -> _Running:
-    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``)."""
+    """Launch one cell's process: training, then the per-question loss probe
+    (``python -m vqadapt.ablation.cell --config cell.yaml``)."""
     job.cell.mkdir(parents=True, exist_ok=True)
     job.config.train.resume = job.resume
     job.config.save(job.cell / "cell.yaml")
-    command = [sys.executable, "-m", "vqadapt", "train", "--config", str(job.cell / "cell.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "vqadapt.ablation.cell",
+        "--config",
+        str(job.cell / "cell.yaml"),
+    ]
     log_file = open(job.cell / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
     process = subprocess.Popen(
         command,
@@ -262,11 +323,50 @@ def _start(job: Job, environment: dict[str, str]) -> _Running:
     return _Running(job, process, log_file, time.perf_counter())
 
 
+def _reap(running: _Running) -> bool:
+    """Whether the cell's process has exited; on POSIX its own peak resident memory and CPU
+    time are read as it is reaped (``wait4``: this child only, not the other running cells)."""
+    wait4 = getattr(os, "wait4", None)
+    if wait4 is None:  # Windows: no per-child resource usage
+        return running.process.poll() is not None
+    if running.process.returncode is not None:
+        return True
+    try:
+        pid, status, usage = wait4(running.process.pid, os.WNOHANG)
+    except ChildProcessError:
+        return running.process.poll() is not None
+    if pid == 0:
+        return False
+    running.process.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    running.peak_rss_mb = usage.ru_maxrss / scale
+    running.cpu_seconds = usage.ru_utime + usage.ru_stime
+    return True
+
+
 def _finish(running: _Running, log) -> str:
     """A cell's final status, once its process has exited; a crash is recorded as failed."""
     running.log_file.close()
     cell, code = running.job.cell, running.process.returncode
     status = read_status(cell)
+    seconds = time.perf_counter() - running.started
+    if running.peak_rss_mb is not None:
+        # Resumed cells keep the largest peak and add up their processes' times.
+        previous = {}
+        if (cell / RESOURCES_FILE).is_file():
+            previous = json.loads((cell / RESOURCES_FILE).read_text(encoding="utf-8"))
+        atomic_write_json(
+            cell / RESOURCES_FILE,
+            {
+                "peak_rss_mb": round(max(running.peak_rss_mb, previous.get("peak_rss_mb", 0)), 1),
+                "process_seconds": round(seconds + previous.get("process_seconds", 0), 1),
+                "cpu_seconds": round(
+                    (running.cpu_seconds or 0) + previous.get("cpu_seconds", 0), 1
+                ),
+                "threads": os.environ.get("OMP_NUM_THREADS") or running.job.threads,
+            },
+        )
     if code != 0 or status != "success":
         tail = (cell / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         reason = f"exit code {code}" + (" (killed: out of memory?)" if code in (-9, 137) else "")
@@ -280,7 +380,7 @@ def _finish(running: _Running, log) -> str:
             },
         )
         status = "failed"
-    log(f"{running.job.name}: {status} in {time.perf_counter() - running.started:.0f} s")
+    log(f"{running.job.name}: {status} in {seconds:.0f} s")
     return status
 
 
@@ -302,13 +402,14 @@ def run_cells(queue: list[Job], jobs: int, log, poll_seconds: float = 0.1) -> di
             while pending and free_slots:
                 slot, job = free_slots.pop(0), pending.pop(0)
                 where = ", ".join(f"{k}={v}" for k, v in environments[slot].items())
+                job.threads = environments[slot].get("OMP_NUM_THREADS")
                 log(
                     f"{job.name}: {'resuming' if job.resume else 'training'} ({job.description})"
                     + (f" [job {slot + 1}: {where}]" if where else "")
                 )
                 running[slot] = _start(job, environments[slot])
             time.sleep(poll_seconds)
-            for slot in [s for s, r in running.items() if r.process.poll() is not None]:
+            for slot in [s for s, r in running.items() if _reap(r)]:
                 done = running.pop(slot)
                 statuses[done.job.name] = _finish(done, log)
                 free_slots.append(slot)
@@ -329,11 +430,14 @@ def run_study(args) -> Path:
     extra = _parse_sets(args.set)
     if args.jobs < 1:
         raise VQAConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if getattr(args, "train_fractions", None):
+        preset.train_fractions = check_fractions(args.train_fractions, "--train_fractions")
     out.mkdir(parents=True, exist_ok=True)
     study = {
         "preset": preset.name,
         "description": preset.description,
         "seeds": seeds,
+        "train_fractions": preset.train_fractions,
         "experiments": [
             {"name": e.name, "description": e.description, "overrides": e.overrides}
             for e in preset.experiments
@@ -350,6 +454,13 @@ def run_study(args) -> Path:
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
             )
         study["seeds"] = sorted(set(old.get("seeds", [])) | set(seeds))
+        fractions = set(old.get("train_fractions", [1.0])) | set(preset.train_fractions)
+        if max(fractions) != max(preset.train_fractions):
+            raise VQAConfigError(
+                f"{out} holds a study whose largest training fraction is "
+                f"{max(old.get('train_fractions', [1.0])):g}: use another --out"
+            )
+        study["train_fractions"] = sorted(fractions)
     atomic_write_json(previous, study)
     started = time.perf_counter()
     if not args.report_only:
@@ -357,25 +468,28 @@ def run_study(args) -> Path:
         weights = ensure_answer_weights(preset, out, extra, log)
         if weights is not None:
             extra = {**extra, "answer_weights": str(weights)}
+        samples = fraction_samples(preset, extra, log)
+        main_fraction = max(preset.train_fractions)
         queue = []
-        for experiment in preset.experiments:
-            for seed in seeds:
-                cell = out / experiment.name / f"seed{seed}"
-                status = read_status(cell)
-                if status == "success":
-                    log(f"{experiment.name} seed {seed}: done before, skipped")
-                    continue
-                if status == "failed" and not args.retry_failed:
-                    log(
-                        f"{experiment.name} seed {seed}: failed before, skipped (--retry_failed reruns it)"
-                    )
-                    continue
-                config = cell_config(preset, experiment, seed, cell, extra)
-                if status == "failed":
-                    config.train.overwrite = True
-                resume = (cell / "config.yaml").is_file() and status != "failed"
-                name = f"{experiment.name} seed {seed}"
-                queue.append(Job(name, experiment.description, cell, config, resume))
+        for fraction in sorted(preset.train_fractions, reverse=True):
+            for experiment in preset.experiments:
+                for seed in seeds:
+                    cell = cell_dir(out, experiment.name, seed, fraction, main_fraction)
+                    name = f"{experiment.name} seed {seed}"
+                    if fraction != main_fraction:
+                        name += f" ({fraction:g} of the training questions)"
+                    status = read_status(cell)
+                    if status == "success":
+                        log(f"{name}: done before, skipped")
+                        continue
+                    if status == "failed" and not args.retry_failed:
+                        log(f"{name}: failed before, skipped (--retry_failed reruns it)")
+                        continue
+                    config = cell_config(preset, experiment, seed, cell, extra, samples[fraction])
+                    if status == "failed":
+                        config.train.overwrite = True
+                    resume = (cell / "config.yaml").is_file() and status != "failed"
+                    queue.append(Job(name, experiment.description, cell, config, resume))
         run_cells(queue, args.jobs, log)
     from vqadapt.ablation.report import write_report
 

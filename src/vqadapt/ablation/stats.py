@@ -202,3 +202,194 @@ def combine_seeds(values: ArrayLike, n_boot: int = 10_000, seed: int = 0) -> dic
         "n": int(array.size),
         "ci": bootstrap_ci(array, n_boot=n_boot, seed=seed),
     }
+
+
+# ---------------------------------------------------------------- power
+
+
+def _z(p: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(p)
+
+
+def minimum_detectable_effect(
+    standard_error: float, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """The smallest true difference a two-sided test at ``alpha`` detects with ``power``,
+    for an estimate with this standard error (normal approximation):
+    ``(z_{1 - alpha/2} + z_{power}) * se`` (2.80 x se at the defaults)."""
+    return (_z(1 - alpha / 2) + _z(power)) * standard_error
+
+
+def units_needed(
+    sd_per_unit: float, effect: float, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """How many units (questions, or seeds with a normal approximation) a two-sided test of
+    a mean difference needs to detect ``effect`` with ``power``:
+    ``((z_{1 - alpha/2} + z_{power}) * sd / effect)^2``; infinite for a zero effect."""
+    if not math.isfinite(effect) or effect == 0 or not math.isfinite(sd_per_unit):
+        return math.inf
+    return ((_z(1 - alpha / 2) + _z(power)) * sd_per_unit / abs(effect)) ** 2
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for numerator in (
+            m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
+            -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return h
+
+
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), for 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t statistic with ``df`` degrees of freedom."""
+    if not math.isfinite(t):
+        return 0.0 if math.isinf(t) else math.nan
+    return incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if p == 0.5:
+        return 0.0
+    upper_tail = 1.0 - p if p > 0.5 else p  # one-sided tail beyond |t|
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        if t_two_sided_p(middle, df) / 2 > upper_tail:
+            low = middle
+        else:
+            high = middle
+    value = (low + high) / 2
+    return value if p > 0.5 else -value
+
+
+def paired_t_test(differences: ArrayLike, alpha: float = 0.05) -> dict:
+    """Two-sided one-sample t-test of per-seed differences (are they centred on zero?).
+
+    Returns ``n``, ``mean``, ``sd`` (ddof=1), ``t``, ``p_value`` and the ``1 - alpha``
+    ``ci``; with fewer than two values ``p_value`` is NaN (no test). Values without any
+    spread give p = 0 when they differ from zero (every seed the same difference) and 1 when
+    they are all zero.
+    """
+    array = _as_array(differences, "differences")
+    n, mean = int(array.size), float(array.mean())
+    if n < 2:
+        return {
+            "n": n,
+            "mean": mean,
+            "sd": math.nan,
+            "t": math.nan,
+            "p_value": math.nan,
+            "ci": (math.nan, math.nan),
+        }
+    sd = float(array.std(ddof=1))
+    if sd == 0.0:
+        return {
+            "n": n,
+            "mean": mean,
+            "sd": 0.0,
+            "t": math.copysign(math.inf, mean),
+            "p_value": 0.0 if mean != 0 else 1.0,
+            "ci": (mean, mean),
+        }
+    se = sd / math.sqrt(n)
+    t = mean / se
+    half = t_quantile(1 - alpha / 2, n - 1) * se
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "t": t,
+        "p_value": t_two_sided_p(t, n - 1),
+        "ci": (mean - half, mean + half),
+    }
+
+
+def seed_mde(sd_per_seed: float, seeds: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable mean difference of a paired t-test over ``seeds`` seeds whose
+    per-seed differences have this SD: ``(t_{1-alpha/2} + t_{power}) * sd / sqrt(k)`` with
+    ``k - 1`` degrees of freedom (NaN below two seeds)."""
+    if seeds < 2 or not math.isfinite(sd_per_seed):
+        return math.nan
+    df = seeds - 1
+    return (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * sd_per_seed / math.sqrt(seeds)
+
+
+def seeds_needed(
+    sd_per_seed: float, effect: float, alpha: float = 0.05, power: float = 0.8, limit: int = 1000
+) -> int | None:
+    """The fewest seeds whose paired t-test detects ``effect`` with ``power`` (``None``
+    beyond ``limit`` or for a zero effect)."""
+    if not (math.isfinite(sd_per_seed) and math.isfinite(effect)) or effect == 0:
+        return None
+    if sd_per_seed == 0:
+        return 2
+    for seeds in range(2, limit + 1):
+        if seed_mde(sd_per_seed, seeds, alpha, power) <= abs(effect):
+            return seeds
+    return None
+
+
+def gap_difference_bootstrap(
+    held_out_a: ArrayLike,
+    held_out_b: ArrayLike,
+    train_a: ArrayLike,
+    train_b: ArrayLike,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """Compare two models' generalisation gaps (held-out minus training loss), question by
+    question: ``D = mean(h_a - h_b) - mean(t_a - t_b)``, positive when A's gap is larger.
+
+    Held-out and training questions are resampled independently (each pair kept together),
+    ``n_boot`` times; ``ci`` is the 95% percentile interval, ``p_value`` the two-sided shift
+    p-value as in ``paired_bootstrap``, ``se`` the bootstrap standard error.
+    """
+    held_a, held_b = _as_array(held_out_a, "held_out_a"), _as_array(held_out_b, "held_out_b")
+    tr_a, tr_b = _as_array(train_a, "train_a"), _as_array(train_b, "train_b")
+    if held_a.shape != held_b.shape or tr_a.shape != tr_b.shape:
+        raise ValueError("paired arrays differ in length")
+    held, train = held_a - held_b, tr_a - tr_b
+    observed = float(held.mean() - train.mean())
+    means = bootstrap_means(held, n_boot, seed) - bootstrap_means(train, n_boot, seed + 1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
+    return {
+        "diff": observed,
+        "ci": (float(low), float(high)),
+        "p_value": float((1 + extreme) / (n_boot + 1)),
+        "se": float(means.std(ddof=1)),
+        "gap_a": float(held_a.mean() - tr_a.mean()),
+        "gap_b": float(held_b.mean() - tr_b.mean()),
+    }

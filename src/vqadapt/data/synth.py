@@ -1,14 +1,38 @@
-"""The embedded default data set: synthetic Vietnamese "shapes" VQA in ViVQA format.
+"""The embedded default data set: synthetic Vietnamese "shapes" VQA in ViVQA format, built as
+a benchmark of positive controls for the adaptation strategies.
 
-Each image shows 1-5 non-overlapping coloured shapes on a light, slightly noisy background.
-Questions cover the four ViVQA types with several phrasings each; a question is only asked
-when its referent is unique in the image and its answer is unambiguous (locations keep a
-margin from the thirds' borders). Among the valid questions of a type, the generator prefers
-answers it has produced least so far, so answers are roughly balanced within each type and
-the question alone says little about the answer.
+Each image shows 1-4 non-overlapping coloured shapes on a light, slightly noisy background
+(``SINGLE_OBJECT_SHARE`` of them a single shape). A question is only asked when its referent
+is unique in the image and its answer is unambiguous (locations keep a margin from the thirds'
+borders). Among the valid questions of a kind, the generator prefers answers it has produced
+least so far, so answers are roughly balanced within each kind and the question alone says
+little about the answer.
+
+Two shifts are built in, each a positive control for one tower (README: the embedded
+benchmark). Each tiny backbone is pretrained without one attribute that some questions need:
+it reaches the tower's input, but none of its frozen layers reads it and its output does not
+carry it (``blindspots``):
+
+- **Vision shift** (``vision_shift``): questions about a colour ("what colour is the circle?",
+  "what shape is the red one?"). The tiny vision tower is colour-blind: its usual patch filters
+  see brightness only, and every colour has the same brightness (``COLOUR_RGB``); colour-only
+  filters feed dimensions none of its layers reads. Vision LoRA can learn to read them.
+- **Text shift** (``text_shift``): questions that name a circle, a square or a diamond
+  (``BLIND_SHAPES``: "is there a circle?", "how many squares?"), and are not about a colour.
+  The frozen text encoder's output is the same whichever of the three a question names (the
+  triangle's three-word name stays recognisable); an adapted encoder (unfrozen layers, LoRA)
+  can learn to read which.
+
+Every other question (``in_domain``) is answerable through both frozen towers. ``subsets.csv``
+beside the CSVs names each question's kind and subset, so that a report can test each control
+on its own questions. Each control has questions a two-layer decoder answers without binding
+one shape's attributes to another's ("is there a circle?"; "what colour is it?" about the one
+shape in ``SINGLE_OBJECT_SHARE`` of the images): measured, an attribute that a question also
+has to bind is not learnt within a study's budget, by any strategy.
 
 Answer vocabulary: shapes (``SHAPES``), ``"màu <colour>"`` (``COLOURS``), number words
-``"một"`` .. ``"năm"``, and the locations ``"bên trái"``, ``"ở giữa"``, ``"bên phải"``.
+``"một"`` .. ``"bốn"``, the locations ``"bên trái"``, ``"ở giữa"``, ``"bên phải"``, and
+``"có"`` / ``"không"``.
 """
 
 from __future__ import annotations
@@ -27,7 +51,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vqadapt.data.records import QUESTION_TYPES
 from vqadapt.errors import VQAConfigError
 
 SHAPES = ["hình tròn", "hình vuông", "hình tam giác", "hình thoi"]
@@ -37,37 +60,54 @@ COLOURS = ["đỏ", "xanh lá", "xanh dương", "vàng", "tím", "cam"]
 """Colour names; patch label ``i + 1`` is ``COLOURS[i]`` (0 = background)."""
 
 COLOUR_RGB = {
-    "đỏ": (215, 35, 35),
-    "xanh lá": (30, 160, 60),
-    "xanh dương": (35, 75, 215),
-    "vàng": (235, 205, 20),
-    "tím": (140, 50, 185),
-    "cam": (245, 125, 15),
+    "đỏ": (207, 92, 85),
+    "xanh lá": (85, 207, 92),
+    "xanh dương": (71, 109, 204),
+    "vàng": (164, 171, 49),
+    "tím": (147, 52, 185),
+    "cam": (196, 129, 59),
 }
+"""Six hues of one brightness and one saturation, exactly: R + G + B = 384 and
+R² + G² + B² - RG - RB - GB = 14,079 (the squared length of the opponent-colour vector) for
+each. A tower that sees brightness only cannot tell them apart, and the colour-blind tower's
+colour-only filters respond to each with the same strength (``blindspots.chroma_filters``)."""
 NUMBER_WORDS = ["không", "một", "hai", "ba", "bốn", "năm"]
 LOCATIONS = ["bên trái", "ở giữa", "bên phải"]
 
-RADIUS_RANGE = (0.085, 0.13)
+RADIUS_RANGE = (0.1, 0.15)
 """Object radius (half the bounding box of a circle) as a fraction of the image size."""
+MAX_OBJECTS = 4
 LOCATION_MARGIN = 0.06
 """How far (fraction of the width) an object's centre must be from a thirds border."""
 
-OBJECT_TEMPLATES = [
-    "hình màu {colour} là hình gì",
-    "hình có màu {colour} là hình gì",
-    "vật màu {colour} có hình dạng gì",
-    "hình dạng của vật màu {colour} là gì",
-]
-NUMBER_SHAPE_TEMPLATES = ["có bao nhiêu {shape}", "trong ảnh có mấy {shape}"]
-NUMBER_COLOUR_TEMPLATES = ["có bao nhiêu hình màu {colour}", "có mấy hình màu {colour}"]
-NUMBER_TOTAL_TEMPLATES = ["có tất cả bao nhiêu hình", "trong ảnh có bao nhiêu hình"]
-COLOUR_TEMPLATES = ["{shape} có màu gì", "màu của {shape} là gì", "{shape} trong ảnh màu gì"]
-LOCATION_TEMPLATES = [
-    "{referent} nằm ở đâu",
-    "{referent} ở vị trí nào",
-    "{referent} nằm ở phía nào của bức ảnh",
-]
-TYPE_CODE = {name: code for code, name in QUESTION_TYPES.items()}
+BLIND_SHAPES = ("hình tròn", "hình vuông", "hình thoi")
+"""The shapes the embedded benchmark's frozen text encoder cannot tell apart by name."""
+KINDS = ("object", "number", "colour", "location", "exists")
+"""Question kinds: the ViVQA types, and "is there a circle?" (filed as object)."""
+TYPE_CODE = {"object": 0, "number": 1, "colour": 2, "location": 3, "exists": 0}
+YES_NO = ("có", "không")
+SINGLE_OBJECT_SHARE = 0.4
+"""Share of images with one shape (a colour question about them needs no binding)."""
+SUBSETS = ("in_domain", "text_shift", "vision_shift")
+
+TEMPLATES = {
+    "object": [
+        "hình màu {colour} là hình gì",
+        "hình có màu {colour} là hình gì",
+        "vật màu {colour} có hình dạng gì",
+        "hình dạng của vật màu {colour} là gì",
+    ],
+    "number_shape": ["có bao nhiêu {shape}", "trong ảnh có mấy {shape}"],
+    "number_colour": ["có bao nhiêu hình màu {colour}", "có mấy hình màu {colour}"],
+    "number_total": ["có tất cả bao nhiêu hình", "trong ảnh có bao nhiêu hình"],
+    "colour": ["{shape} có màu gì", "màu của {shape} là gì", "{shape} trong ảnh màu gì"],
+    "location": [
+        "{referent} nằm ở đâu",
+        "{referent} ở vị trí nào",
+        "{referent} nằm ở phía nào của bức ảnh",
+    ],
+    "exists": ["có {shape} nào không", "trong ảnh có {shape} không"],
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +121,32 @@ class ShapeObject:
     cy: float
     radius: float
     bbox: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One candidate question: its text, answer and kind."""
+
+    question: str
+    answer: str
+    kind: str
+
+    @property
+    def needs_colour(self) -> bool:
+        """Whether the question or its answer is about a colour."""
+        return "màu" in self.question or self.answer.startswith("màu")
+
+    @property
+    def names_blind_shape(self) -> bool:
+        """Whether the question names one of ``BLIND_SHAPES``."""
+        return any(shape in self.question for shape in BLIND_SHAPES)
+
+    @property
+    def subset(self) -> str:
+        """The positive-control subset (see the module doc)."""
+        if self.needs_colour:
+            return "vision_shift"
+        return "text_shift" if self.names_blind_shape else "in_domain"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -130,7 +196,8 @@ def _place(
 
 def _background(rng: random.Random, size: int) -> Image.Image:
     noise_rng = np.random.default_rng(rng.getrandbits(64))
-    base = np.array([rng.randint(232, 248) for _ in range(3)], dtype=np.int16)
+    # Grey (no colour of its own: the colour-blind tower's colour filters see only the shapes).
+    base = np.full(3, rng.randint(232, 248), dtype=np.int16)
     pixels = base + noise_rng.integers(-6, 7, size=(size, size, 1), dtype=np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -147,7 +214,7 @@ def _scene(
 
 
 def render_scene(
-    rng: random.Random, size: int = 112, n_objects: tuple[int, int] = (1, 5)
+    rng: random.Random, size: int = 112, n_objects: tuple[int, int] = (1, MAX_OBJECTS)
 ) -> tuple[Image.Image, list[ShapeObject]]:
     """Draw ``n_objects`` (inclusive range) random shapes in random colours, no overlaps.
 
@@ -212,42 +279,74 @@ def _location(cx: float) -> str | None:
     return None
 
 
-def candidate_questions(objects: list[ShapeObject]) -> dict[str, list[tuple[str, str]]]:
-    """Every valid ``(question, answer)`` for a scene, by type name (template per slot)."""
+def _referents(objects: list[ShapeObject], obj: ShapeObject) -> list[str]:
+    """Unique ways to name ``obj``: by its shape, or by its shape and colour."""
+    shapes = Counter(o.shape for o in objects)
+    pairs = Counter((o.shape, o.colour) for o in objects)
+    out = []
+    if shapes[obj.shape] == 1:
+        out.append(obj.shape)
+    if pairs[(obj.shape, obj.colour)] == 1:
+        out.append(f"{obj.shape} màu {obj.colour}")
+    return out
+
+
+def candidate_questions(objects: list[ShapeObject]) -> dict[str, list[Question]]:
+    """Every valid question about a scene, by kind (one per template and slot)."""
     shapes = Counter(o.shape for o in objects)
     colours = Counter(o.colour for o in objects)
-    pairs = Counter((o.shape, o.colour) for o in objects)
-    out: dict[str, list[tuple[str, str]]] = {name: [] for name in QUESTION_TYPES.values()}
+    out: dict[str, list[Question]] = {kind: [] for kind in KINDS}
+
+    def add(kind: str, key: str, answer: str, **slots: str) -> None:
+        out[kind] += [Question(t.format(**slots), answer, kind) for t in TEMPLATES[key]]
+
     for colour, count in colours.items():
         if count == 1:
-            shape = next(o.shape for o in objects if o.colour == colour)
-            out["object"] += [(t.format(colour=colour), shape) for t in OBJECT_TEMPLATES]
+            add(
+                "object",
+                "object",
+                next(o.shape for o in objects if o.colour == colour),
+                colour=colour,
+            )
     for shape, count in shapes.items():
-        out["number"] += [
-            (t.format(shape=shape), NUMBER_WORDS[count]) for t in NUMBER_SHAPE_TEMPLATES
-        ]
+        add("number", "number_shape", NUMBER_WORDS[count], shape=shape)
     for colour, count in colours.items():
-        out["number"] += [
-            (t.format(colour=colour), NUMBER_WORDS[count]) for t in NUMBER_COLOUR_TEMPLATES
-        ]
-    out["number"] += [(t, NUMBER_WORDS[len(objects)]) for t in NUMBER_TOTAL_TEMPLATES]
+        add("number", "number_colour", NUMBER_WORDS[count], colour=colour)
+    add("number", "number_total", NUMBER_WORDS[len(objects)])
     for shape, count in shapes.items():
         if count == 1:
-            colour = next(o.colour for o in objects if o.shape == shape)
-            out["colour"] += [(t.format(shape=shape), f"màu {colour}") for t in COLOUR_TEMPLATES]
+            obj = next(o for o in objects if o.shape == shape)
+            add("colour", "colour", f"màu {obj.colour}", shape=shape)
     for obj in objects:
         where = _location(obj.cx)
-        if where is None:
-            continue
-        referents = []
-        if shapes[obj.shape] == 1:
-            referents.append(obj.shape)
-        if pairs[(obj.shape, obj.colour)] == 1:
-            referents.append(f"{obj.shape} màu {obj.colour}")
-        out["location"] += [
-            (t.format(referent=ref), where) for ref in referents for t in LOCATION_TEMPLATES
-        ]
+        for referent in _referents(objects, obj) if where is not None else []:
+            add("location", "location", where, referent=referent)
+    for shape in SHAPES:
+        add("exists", "exists", YES_NO[0] if shape in shapes else YES_NO[1], shape=shape)
     return out
+
+
+def pretraining_texts() -> list[str]:
+    """Every question template with every slot value, and every answer: the tiny text
+    model's pretraining text (what its tokenizer and denoising see)."""
+    referents = list(SHAPES) + [f"{s} màu {c}" for s in SHAPES for c in COLOURS]
+    slots = {
+        "object": [{"colour": c} for c in COLOURS],
+        "number_shape": [{"shape": s} for s in SHAPES],
+        "number_colour": [{"colour": c} for c in COLOURS],
+        "number_total": [{}],
+        "colour": [{"shape": s} for s in SHAPES],
+        "location": [{"referent": r} for r in referents],
+        "exists": [{"shape": s} for s in SHAPES],
+    }
+    texts = [
+        template.format(**values)
+        for key, templates in TEMPLATES.items()
+        for template in templates
+        for values in slots[key]
+    ]
+    answers = [*SHAPES, *(f"màu {c}" for c in COLOURS), *NUMBER_WORDS[1:], *LOCATIONS]
+    return texts + answers + list(YES_NO)
 
 
 def _share(counts: Counter[str], answer: str) -> float:
@@ -256,16 +355,17 @@ def _share(counts: Counter[str], answer: str) -> float:
 
 def _pick(
     rng: random.Random,
-    candidates: list[tuple[str, str]],
-    type_counts: Counter[str],
+    candidates: list[Question],
+    kind_counts: Counter[str],
     question_counts: dict[str, Counter[str]],
-) -> tuple[str, str]:
-    """The candidate whose answer is rarest so far, both within its type and for its exact
+) -> Question:
+    """The candidate whose answer is rarest so far, both within its kind and for its exact
     question string (sum of the two shares; random among ties)."""
 
-    def score(candidate: tuple[str, str]) -> float:
-        question, answer = candidate
-        return _share(type_counts, answer) + _share(question_counts[question], answer)
+    def score(candidate: Question) -> float:
+        return _share(kind_counts, candidate.answer) + _share(
+            question_counts[candidate.question], candidate.answer
+        )
 
     best = min(score(c) for c in candidates)
     return rng.choice([c for c in candidates if score(c) == best])
@@ -293,33 +393,61 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _csv_bytes(rows: list[tuple[str, str, int, int]]) -> bytes:
+def _csv_bytes(rows: list[tuple[Question, int]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["", "question", "answer", "img_id", "type"])
-    for index, (question, answer, img_id, code) in enumerate(rows):
-        writer.writerow([index, question, answer, img_id, code])
+    for index, (q, img_id) in enumerate(rows):
+        writer.writerow([index, q.question, q.answer, img_id, TYPE_CODE[q.kind]])
     return buffer.getvalue().encode("utf-8")
 
 
+def _subsets_bytes(splits: dict[str, list[tuple[Question, int]]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "id", "kind", "needs_colour", "names_blind_shape", "subset"])
+    for split, rows in splits.items():
+        for index, (q, _) in enumerate(rows):
+            writer.writerow(
+                [split, index, q.kind, int(q.needs_colour), int(q.names_blind_shape), q.subset]
+            )
+    return buffer.getvalue().encode("utf-8")
+
+
+def read_subsets(path: str | Path) -> dict[str, dict[str, dict[str, str]]]:
+    """``subsets.csv`` as ``{split: {question id: {"kind", "needs_colour", "names_blind_shape",
+    "subset"}}}``."""
+    out: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+    with open(path, encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            split, qid = row.pop("split"), row.pop("id")
+            out[split][qid] = row
+    return dict(out)
+
+
 def _readme(summary: dict) -> str:
-    per_type = ", ".join(f"{name} {count}" for name, count in summary["per_type"].items())
+    per_kind = ", ".join(f"{name} {count}" for name, count in summary["per_kind"].items())
+    per_subset = ", ".join(f"{name} {count}" for name, count in summary["test_subsets"].items())
     return f"""# Synthetic Vietnamese shapes VQA
 
 Generated by `vqadapt.data.synth.generate` (seed {summary["seed"]}, {summary["size"]} px images).
-Same seed and settings give byte-identical CSV files.
+Same seed and settings give byte-identical files.
 
 - `train.csv`: {summary["train"]} questions on {summary["train_images"]} images
 - `test.csv`: {summary["test"]} questions on {summary["test_images"]} images (split by image)
 - `images/<img_id>.png`: {summary["images"]} images
-- questions per type: {per_type}
+- `subsets.csv`: each question's kind, whether it is about a colour, whether it names one of
+  {", ".join(BLIND_SHAPES)}, and its control subset (vision_shift: about a colour;
+  text_shift: names one of those shapes; in_domain: the rest)
+- questions per kind: {per_kind}
+- test questions per control subset: {per_subset}
 - distinct answers: {summary["answers"]}
 
 Format: ViVQA CSV (header `,question,answer,img_id,type`; type 0 object, 1 number,
-2 colour, 3 location). Each image shows 1-5 non-overlapping shapes
-({", ".join(SHAPES)}) in colours ({", ".join(COLOURS)}) on a light noisy background.
-Questions are asked only about unique referents with unambiguous answers; answers are
-balanced within each type so that the question alone does not give the answer away.
+2 colour, 3 location). Each image shows 1-{MAX_OBJECTS} non-overlapping shapes
+({", ".join(SHAPES)}) in colours ({", ".join(COLOURS)}) on a light noisy background. Questions are asked only about unique
+referents with unambiguous answers; answers are balanced within each kind so that the
+question alone does not give the answer away.
 """
 
 
@@ -332,11 +460,12 @@ def generate(
 ) -> dict:
     """Write ``n`` synthetic questions (2-3 per image) as ViVQA CSVs plus PNG images.
 
-    Creates ``out_dir/train.csv``, ``out_dir/test.csv``, ``out_dir/images/<img_id>.png``
-    (img_id = 0, 1, ...) and ``out_dir/README.md``; every file is written atomically. About
-    ``test_fraction`` of the images (and their questions) go to test. Returns a summary:
-    ``n``, ``train``, ``test``, ``images``, ``train_images``, ``test_images``, ``per_type``,
-    ``answers`` (distinct), ``seed``, ``size``, ``seconds``.
+    Creates ``out_dir/train.csv``, ``out_dir/test.csv``, ``out_dir/subsets.csv``,
+    ``out_dir/images/<img_id>.png`` (img_id = 0, 1, ...) and ``out_dir/README.md``; every
+    file is written atomically. About ``test_fraction`` of the images (and their questions)
+    go to test. Returns a summary: ``n``, ``train``, ``test``, ``images``, ``train_images``,
+    ``test_images``, ``per_type``, ``per_kind``, ``test_subsets``, ``answers`` (distinct),
+    ``seed``, ``size``, ``seconds``.
     """
     if n < 2:
         raise VQAConfigError(f"n must be at least 2, got {n}")
@@ -349,16 +478,16 @@ def generate(
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    answer_counts: dict[str, Counter[str]] = {name: Counter() for name in QUESTION_TYPES.values()}
+    answer_counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
     question_counts: dict[str, Counter[str]] = defaultdict(Counter)
-    type_counts: Counter[str] = Counter()
-    per_image: list[list[tuple[str, str, int, int]]] = []
+    kind_counts: Counter[str] = Counter()
+    per_image: list[list[tuple[Question, int]]] = []
 
     produced = 0
     while produced < n:
         img_id = len(per_image)
         shapes, colours = _palette(rng)
-        count = rng.randint(1, 5)
+        count = 1 if rng.random() < SINGLE_OBJECT_SHARE else rng.randint(2, MAX_OBJECTS)
         image, objects = _scene(
             rng,
             size,
@@ -366,18 +495,18 @@ def generate(
             [rng.choice(colours) for _ in range(count)],
         )
         candidates = candidate_questions(objects)
-        available = [name for name, c in candidates.items() if c]
-        # Rarest types first keeps the four types roughly equally frequent.
+        available = [kind for kind in KINDS if candidates[kind]]
+        # Rarest kinds first keeps the kinds about equally frequent.
         rng.shuffle(available)
-        available.sort(key=lambda name: type_counts[name])
+        available.sort(key=lambda kind: kind_counts[kind])
         wanted = min(rng.choice((2, 3)), len(available), n - produced)
         rows = []
-        for name in available[:wanted]:
-            question, answer = _pick(rng, candidates[name], answer_counts[name], question_counts)
-            answer_counts[name][answer] += 1
-            question_counts[question][answer] += 1
-            type_counts[name] += 1
-            rows.append((question, answer, img_id, TYPE_CODE[name]))
+        for kind in available[:wanted]:
+            question = _pick(rng, candidates[kind], answer_counts[kind], question_counts)
+            answer_counts[kind][question.answer] += 1
+            question_counts[question.question][question.answer] += 1
+            kind_counts[kind] += 1
+            rows.append((question, img_id))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)
         _write_atomic(image_dir / f"{img_id}.png", buffer.getvalue())
@@ -392,7 +521,10 @@ def generate(
     test_rows = [row for i, rows in enumerate(per_image) if i in test_ids for row in rows]
     _write_atomic(out_dir / "train.csv", _csv_bytes(train_rows))
     _write_atomic(out_dir / "test.csv", _csv_bytes(test_rows))
+    _write_atomic(out_dir / "subsets.csv", _subsets_bytes({"train": train_rows, "test": test_rows}))
 
+    all_rows = train_rows + test_rows
+    type_names = {0: "object", 1: "number", 2: "colour", 3: "location"}
     summary = {
         "n": produced,
         "train": len(train_rows),
@@ -400,7 +532,9 @@ def generate(
         "images": len(per_image),
         "train_images": len(per_image) - n_test_images,
         "test_images": n_test_images,
-        "per_type": {name: type_counts[name] for name in QUESTION_TYPES.values()},
+        "per_type": dict(Counter(type_names[TYPE_CODE[q.kind]] for q, _ in all_rows)),
+        "per_kind": {kind: kind_counts[kind] for kind in KINDS},
+        "test_subsets": {s: sum(q.subset == s for q, _ in test_rows) for s in SUBSETS},
         "answers": len({a for counts in answer_counts.values() for a in counts}),
         "seed": seed,
         "size": size,
