@@ -177,7 +177,8 @@ MakeModel = Callable[..., VQAModel]
 
 @pytest.fixture
 def make_tiny_model() -> MakeModel:
-    """``make_tiny_model(family="mbart", encoder_layers=12, blind=False, seed=0, **config)``."""
+    """``make_tiny_model(family="mbart", encoder_layers=12, blind=False, seed=0, speed="cpu",
+    **config)``: ``speed`` is the speed-path profile installed (``"library"`` for none)."""
 
     def make(
         family: str = "mbart",
@@ -185,12 +186,18 @@ def make_tiny_model() -> MakeModel:
         blind: bool = False,
         seed: int = 0,
         dropout: float = 0.1,
+        speed: str = "cpu",
         **overrides,
     ) -> VQAModel:
+        from vqadapt import speed as speed_paths
+
         torch.manual_seed(seed)
         vision = None if blind else tiny_vision_model()
         text = tiny_text_model(family, encoder_layers, **overrides)
-        return VQAModel(vision, text, dropout=dropout)
+        model = VQAModel(vision, text, dropout=dropout)
+        paths = speed_paths.SpeedPaths.library() if speed == "library" else None
+        speed_paths.install(model, paths or speed_paths.SpeedPaths.for_device(speed))
+        return model
 
     return make
 

@@ -74,8 +74,8 @@ def run_training(env, out: Path, *extra: str, stop_after_epoch: int | None = Non
     captured: dict = {}
     real_build_model = train_module.build_model
 
-    def build_and_capture(config, backbones):
-        built = real_build_model(config, backbones)
+    def build_and_capture(config, backbones, device="cpu"):
+        built = real_build_model(config, backbones, device)
         captured["model"] = built[0]
         captured["before"] = {n: p.detach().clone() for n, p in built[0].named_parameters()}
         return built

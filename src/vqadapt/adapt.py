@@ -24,7 +24,6 @@ from torch import nn
 
 from vqadapt.backbones import TowerLayout, get_submodule, resolve_targets
 from vqadapt.config import AdaptConfig
-from vqadapt.dropout import use_fast_dropout
 from vqadapt.errors import VQAConfigError
 from vqadapt.model import VQAModel
 
@@ -110,7 +109,6 @@ def _inject_lora(
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
     inject_adapter_in_model(config, tower, adapter_name="default")
     tower.peft_config = {"default": config}
-    use_fast_dropout(tower)  # the LoRA dropouts: same p, a faster mask on CPU (dropout.py)
 
 
 def describe_strategy(adapt: AdaptConfig, blind: bool) -> str:

@@ -1,8 +1,8 @@
 """Load the pretrained towers by hub id or local folder, and know each family's layout.
 
 Later code (LoRA targets, "unfreeze the last N layers", per-layer reports, prefix caching)
-asks this module for a family's encoder layer list and attention projection names instead of
-hard-coding them.
+asks for a tower's layout (its family's layer list and attention projection names, from
+``families.py``) instead of hard-coding them.
 """
 
 from __future__ import annotations
@@ -15,33 +15,14 @@ import torch
 from torch import nn
 
 from vqadapt.errors import VQAConfigError
+from vqadapt.families import get_submodule, text_family, vision_family
 
-# Attention projection names by convention, tried in this order on the first encoder layer.
-PROJECTION_NAME_SETS: tuple[tuple[str, str, str], ...] = (
-    ("q_proj", "k_proj", "v_proj"),  # MBart, BART, BARTpho, DINOv2 (transformers 5), CLIP, SigLIP
-    ("q", "k", "v"),  # T5, mT5, ViT5
-    ("query", "key", "value"),  # older ViT / DINOv2 checkpoints
-)
-
-# Where each family keeps its encoder layers (attribute paths from the loaded model).
-TEXT_ENCODER_LAYERS = {
-    "mbart": "model.encoder.layers",
-    "bart": "model.encoder.layers",
-    "t5": "encoder.block",
-    "mt5": "encoder.block",
-}
-VISION_ENCODER_LAYERS = {
-    "dinov2": "encoder.layer",
-    "dinov2_with_registers": "encoder.layer",
-    "vit": "encoder.layer",
-    "clip_vision_model": "encoder.layers",
-    "siglip_vision_model": "encoder.layers",
-}
+__all__ = ["TowerLayout", "get_submodule", "text_layout", "vision_layout"]
 
 
 @dataclass(frozen=True)
 class TowerLayout:
-    """Names inside one loaded tower, relative to the tower module."""
+    """Names inside one loaded tower, relative to the tower module (from its family)."""
 
     family: str
     layers_path: str
@@ -52,42 +33,32 @@ class TowerLayout:
         return f"{self.layers_path}.{index}."
 
 
-def get_submodule(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def find_projections(layer: nn.Module) -> tuple[str, ...]:
-    """The q/k/v projection names this layer uses (first matching convention)."""
-    leaf_names = {
+def linear_names(layer: nn.Module) -> set[str]:
+    """Leaf names of the linear layers inside one encoder layer."""
+    return {
         name.rsplit(".", 1)[-1] for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)
     }
-    for names in PROJECTION_NAME_SETS:
-        if set(names) <= leaf_names:
-            return names
-    raise VQAConfigError(
-        f"could not find attention projections in {type(layer).__name__}; "
-        f"linear layers present: {sorted(leaf_names)}"
+
+
+def _layout(model: nn.Module, family) -> TowerLayout:
+    layers = get_submodule(model, family.layers_path)
+    present = linear_names(layers[0])
+    if not set(family.projections) <= present:
+        raise VQAConfigError(
+            f"a {model.config.model_type} encoder layer has no {'/'.join(family.projections)} projections; "
+            f"linear layers present: {sorted(present)}"
+        )
+    return TowerLayout(
+        model.config.model_type, family.layers_path, len(layers), tuple(family.projections)
     )
 
 
-def _layout(model: nn.Module, table: dict[str, str], what: str) -> TowerLayout:
-    family = model.config.model_type
-    if family not in table:
-        raise VQAConfigError(
-            f"{what} model family {family!r} is not supported; use one of {sorted(table)}"
-        )
-    layers = get_submodule(model, table[family])
-    return TowerLayout(family, table[family], len(layers), find_projections(layers[0]))
-
-
 def text_layout(model: nn.Module) -> TowerLayout:
-    return _layout(model, TEXT_ENCODER_LAYERS, "text")
+    return _layout(model, text_family(model))
 
 
 def vision_layout(model: nn.Module) -> TowerLayout:
-    return _layout(model, VISION_ENCODER_LAYERS, "vision")
+    return _layout(model, vision_family(model))
 
 
 def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tuple[str, ...]:
@@ -95,9 +66,7 @@ def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tu
     if requested.strip() == "auto":
         return layout.projections
     names = tuple(name.strip() for name in requested.split(",") if name.strip())
-    present = {
-        name.rsplit(".", 1)[-1] for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)
-    }
+    present = linear_names(layer)
     missing = [name for name in names if name not in present]
     if not names or missing:
         raise VQAConfigError(
@@ -185,9 +154,9 @@ class ImagePreprocessing:
     std: tuple[float, float, float]
 
     def normalise(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> float, normalised."""
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        """(B, 3, H, W) uint8 -> float, normalised (on the pixels' device)."""
+        mean = torch.tensor(self.mean, device=pixels_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels_uint8.device).view(1, 3, 1, 1)
         return (pixels_uint8.float() / 255.0 - mean) / std
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from vqadapt import speed
 from vqadapt.adapt import AdaptationPlan, apply_adaptation
 from vqadapt.backbones import (
     ImagePreprocessing,
@@ -39,6 +40,8 @@ from vqadapt.data.pipeline import (
 )
 from vqadapt.errors import VQADataError
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime
+from vqadapt.speed import SpeedPaths
 
 Log = Callable[[str], None]
 
@@ -64,9 +67,10 @@ def resolve_backbones(config: RunConfig, log: Log) -> Backbones:
 
 
 def build_model(
-    config: RunConfig, backbones: Backbones
+    config: RunConfig, backbones: Backbones, device: torch.device | str = "cpu"
 ) -> tuple[VQAModel, AdaptationPlan, object, ImagePreprocessing | None]:
-    """Load the towers, assemble the model and decide what trains (seeded, so reproducible)."""
+    """Load the towers, assemble the model, decide what trains (seeded, so reproducible),
+    install the device's speed paths and move the model there."""
     check_adaptation(config, backbones)
     torch.manual_seed(config.train.seed)
     remote = config.model.trust_remote_code
@@ -76,7 +80,8 @@ def build_model(
     preprocessing = load_image_preprocessing(backbones.vision) if backbones.vision else None
     model = VQAModel(vision, text, dropout=config.train.dropout)
     plan = apply_adaptation(model, config.adapt, blind=config.model.blind)
-    return model, plan, tokenizer, preprocessing
+    speed.install(model, SpeedPaths.parse(config.train.speed_paths, device))
+    return model.to(device), plan, tokenizer, preprocessing
 
 
 def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
@@ -203,7 +208,11 @@ def build_data(
     answer_weight=None,
     log: Log = print,
     splits: Splits | None = None,
+    runtime: Runtime | None = None,
 ) -> DataBundle:
+    """Tokenised splits, image slots, the frozen parts' caches (computed on the model's
+    device, under the runtime's precision) and a collator per split."""
+    runtime = runtime or Runtime(next(model.parameters()).device, "no")
     splits = splits or load_splits(config.data, backbones.embedded_data)
     blind = model.vision is None
     index = None
@@ -225,18 +234,20 @@ def build_data(
     features = FeatureSources()
     if config.train.cache:
         fill_caches(
-            config, model, tokenizer, preprocessing, backbones, images, encoded, features, log
-        )
+            config, model, tokenizer, preprocessing, backbones, images, encoded, features, log,
+            runtime,
+        )  # fmt: skip
     pad = tokenizer.pad_token_id
     start = model.decoder_start_token_id
+    multiple = model.speed_paths.length_multiple
     collators = {
-        name: Collator(name, enc, pad, start, images, preprocessing, features, blind)
+        name: Collator(name, enc, pad, start, images, preprocessing, features, blind, multiple)
         for name, enc in encoded.items()
     }
     return DataBundle(splits, encoded, images, features, collators)
 
 
-def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=False):
+def _vision_cache(model, images, preprocessing, folder, log, runtime, embeddings_only=False):
     """Every image's frozen vision tokens, or with ``embeddings_only`` its frozen patch
     embeddings (vision LoRA), read from the cache or computed and stored."""
     kind = "vision_embeddings" if embeddings_only else "vision"
@@ -246,13 +257,14 @@ def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=Fal
         weights=weights_digest(model.vision.embeddings if embeddings_only else model.vision),
         preprocessing=preprocessing.to_dict(),
         images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
+        compute=f"{runtime.device.type}/{runtime.precision}",  # values differ by kernel / dtype
     )
     tensors = cached_or_compute(
         folder / f"{kind.replace('_', '-')}-{key}.safetensors",
         key,
         lambda: {
             name: vision_features(
-                model, images.pixels(), preprocessing, embeddings_only=embeddings_only
+                model, images.pixels(), preprocessing, runtime, embeddings_only=embeddings_only
             )
         },
         log,
@@ -261,7 +273,7 @@ def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=Fal
 
 
 def fill_caches(
-    config, model, tokenizer, preprocessing, backbones, images, encoded, features, log
+    config, model, tokenizer, preprocessing, backbones, images, encoded, features, log, runtime
 ) -> None:
     """Run the frozen parts once and keep their outputs (see cache.py)."""
     from vqadapt.embedded import cache_root
@@ -269,14 +281,14 @@ def fill_caches(
     folder = cache_root() / "features"
     if model.vision is not None and model.vision_frozen and images.paths:
         log(f"vision tower frozen: caching features of {len(images.paths)} images")
-        features.vision_features = _vision_cache(model, images, preprocessing, folder, log)
+        features.vision_features = _vision_cache(model, images, preprocessing, folder, log, runtime)
     elif model.vision_splittable and images.paths:
         log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
         features.vision_embeddings = _vision_cache(
-            model, images, preprocessing, folder, log, embeddings_only=True
+            model, images, preprocessing, folder, log, runtime, embeddings_only=True
         )
     layers = model.text_cache_layers
-    if layers > 0 and (model.splittable or layers == model.text_layout.num_layers):
+    if layers > 0:
         encoder_digest = weights_digest(model.text_encoder)
         for name, enc in encoded.items():
             if not len(enc):
@@ -286,12 +298,13 @@ def fill_caches(
                 weights=encoder_digest,
                 layers=layers,
                 inputs=[ids.tolist() for ids in enc.input_ids],
+                compute=f"{runtime.device.type}/{runtime.precision}",
             )
             tensors = cached_or_compute(
                 folder / f"text-{key}.safetensors",
                 key,
                 lambda enc=enc: pack(
-                    text_prefix_states(model, enc.input_ids, tokenizer.pad_token_id)
+                    text_prefix_states(model, enc.input_ids, tokenizer.pad_token_id, runtime)
                 ),
                 log,
             )
@@ -299,8 +312,4 @@ def fill_caches(
         log(
             f"text encoder: first {layers} of {model.text_layout.num_layers} layers frozen, "
             "their output cached"
-        )
-    elif layers > 0:
-        log(
-            f"text prefix caching is not available for {model.text_layout.family}: running it every step"
         )

@@ -161,7 +161,8 @@ def recover_checkpoint(folder: str | Path) -> Path:
 
 
 def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
-    """Load trained weights into a model built (and adapted) with the same settings."""
+    """Load trained weights into a model built (and adapted) with the same settings, on
+    whatever device the model is (the files hold CPU tensors)."""
     folder = Path(folder)
     state = load_file(str(folder / TRAINED_FILE))
     params = dict(model.named_parameters())
@@ -176,4 +177,6 @@ def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    """Optimizer, scheduler, RNG and loop state, onto the CPU whatever device wrote them (the
+    optimizer's ``load_state_dict`` then moves its state to the parameters' device)."""
+    return torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")

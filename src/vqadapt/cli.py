@@ -53,7 +53,9 @@ def _cmd_plan(argv: list[str]) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vqadapt.inference import evaluate_run
 
-    scores = evaluate_run(args.run, args.split, args.num_beams)
+    scores = evaluate_run(
+        args.run, args.split, args.num_beams, device=args.device, precision=args.mixed_precision
+    )
     print(
         f"{args.split}: EM {100 * scores['em']:.2f}  F1 {100 * scores['f1']:.2f}  "
         f"F1(set) {100 * scores['f1_set']:.2f}  (n={scores['n']})"
@@ -69,7 +71,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vqadapt.inference import answer_question, load_run
     from vqadapt.text import nfc
 
-    run = load_run(args.run)
+    run = load_run(args.run, device=args.device, precision=args.mixed_precision)
     print(answer_question(run, nfc(args.question), args.image, args.num_beams))
     return 0
 
@@ -87,6 +89,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             questions=args.check_questions,
             tolerance=args.tolerance,
             log=lambda m: print(m, file=sys.stderr),
+            device=args.device,
         )
     except ExportCheckError as err:
         print(json.dumps(err.report, ensure_ascii=False, indent=1))
@@ -186,7 +189,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vqadapt.demo.page import serve
 
     limits = UploadLimits(args.max_file_mb, args.max_pixels, args.max_question_chars)
-    serve(args.run, args.host, args.port, args.examples, args.num_beams, limits)
+    serve(args.run, args.host, args.port, args.examples, args.num_beams, limits, device=args.device)
     return 0
 
 
@@ -208,12 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--split", default="test", choices=("val", "test", "train"))
     ev.add_argument("--num_beams", type=int, default=None)
+    _device_flags(ev, precision=True)
 
     pr = sub.add_parser("predict", help="answer one question about one image")
     pr.add_argument("--run", required=True)
     pr.add_argument("--question", required=True)
     pr.add_argument("--image", default=None)
     pr.add_argument("--num_beams", type=int, default=1)
+    _device_flags(pr, precision=True)
 
     ex = sub.add_parser(
         "export", help="write a self-contained model folder and check it against the run"
@@ -230,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest logit difference allowed (default 1e-4, with --merge 1e-3)",
     )
+    _device_flags(ex, precision=False)
 
     data = sub.add_parser("data", help="synthetic data and data set summaries")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -316,7 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--max_question_chars", type=int, default=UploadLimits.max_question_chars, help=limit
     )
+    _device_flags(dm, precision=False)
     return parser
+
+
+def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; a run "
+        "trained on any device loads on any other",
+    )
+    if precision:
+        parser.add_argument(
+            "--mixed_precision",
+            default=None,
+            choices=("auto", "no", "bf16", "fp16"),
+            help="default: the run's setting, resolved for this device (auto: bf16 on a GPU "
+            "that supports it, else fp32)",
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

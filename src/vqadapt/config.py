@@ -214,7 +214,36 @@ class TrainConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing run in output_dir."}
     )
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (accelerate)."})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (a CUDA GPU when there is one, else the CPU), cpu or cuda. Under "
+            "accelerate launch each process takes its own GPU (CUDA_VISIBLE_DEVICES)."
+        },
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 on a GPU that supports it, else fp32), no (fp32), bf16, or "
+            "fp16 (GPUs without bf16; with a loss scaler)."
+        },
+    )
+    speed_paths: str = field(
+        default="auto",
+        metadata={
+            "help": "How the model computes: auto (the device's measured profile, see "
+            "vqadapt.speed), library (the library's path everywhere), or a comma-separated "
+            "list of paths (packed_encoder, lean_decoder, absorbed_cross_attention, "
+            "head_on_labels, fast_dropout, key_multiple=N, length_multiple=N)."
+        },
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the model for training (inductor)."}
+    )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds a process waits at a collective before giving up (DDP)."},
+    )
     log_every: int = field(default=20, metadata={"help": "Steps between TensorBoard points."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -287,8 +316,25 @@ class RunConfig:
             problems.append("--num_beams must be > 0")
         if t.on_nonfinite not in ("stop", "skip"):
             problems.append(f"--on_nonfinite must be stop or skip (got {t.on_nonfinite!r})")
-        if t.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append("--mixed_precision must be no, fp16 or bf16")
+        if t.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            problems.append("--mixed_precision must be auto, no, fp16 or bf16")
+        if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda"):
+            problems.append(f"--device must be auto, cpu or cuda (got {t.device!r})")
+        if t.device.startswith("cuda:"):
+            problems.append(
+                f"--device {t.device}: training picks its GPU from CUDA_VISIBLE_DEVICES "
+                "(one per process under accelerate launch); pass --device cuda"
+            )
+        try:
+            from vqadapt.speed import SpeedPaths
+
+            SpeedPaths.parse(t.speed_paths, "cpu")
+        except VQAConfigError as err:
+            problems.append(str(err))
+        if t.log_every <= 0:
+            problems.append(f"--log_every must be > 0 (got {t.log_every})")
+        if t.ddp_timeout <= 0:
+            problems.append(f"--ddp_timeout must be > 0 (got {t.ddp_timeout})")
         if t.resume and t.overwrite:
             problems.append("--resume and --overwrite contradict each other")
         if not 0 < d.val_fraction < 1:

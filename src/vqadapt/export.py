@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 import vqadapt
+from vqadapt import speed
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -64,6 +65,8 @@ from vqadapt.evaluate import AnswerTrie, predict
 from vqadapt.inference import LoadedRun, load_run, merge_lora
 from vqadapt.io import atomic_write_json
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime, inference_runtime
+from vqadapt.speed import SpeedPaths
 
 EXPORT_FORMAT = 1
 SETTINGS_FILE = "vqadapt_export.json"
@@ -124,6 +127,7 @@ def records_collator(
         preprocessing,
         FeatureSources(),
         blind,
+        model.speed_paths.length_multiple,
     )
 
 
@@ -137,6 +141,7 @@ class ExportedModel:
     preprocessing: ImagePreprocessing | None
     settings: dict[str, Any]
     folder: Path
+    runtime: Runtime
     trie: AnswerTrie | None = None
 
     @property
@@ -170,6 +175,7 @@ class ExportedModel:
             max_new_tokens=decoding["max_answer_tokens"],
             num_beams=num_beams or decoding["num_beams"],
             trie=self.trie,
+            runtime=self.runtime,
         )
 
     def answer(
@@ -194,8 +200,11 @@ class ExportedModel:
         return self.predict([record], path.parent if path else None, num_beams)[0]
 
 
-def load_exported(folder: str | Path) -> ExportedModel:
-    """Load an export folder: no run directory, training config or original backbone needed."""
+def load_exported(
+    folder: str | Path, device: str = "auto", precision: str = "auto"
+) -> ExportedModel:
+    """Load an export folder onto ``device`` (the best available by default): no run
+    directory, training config or original backbone needed."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -219,12 +228,14 @@ def load_exported(folder: str | Path) -> ExportedModel:
     for tower_name in settings["adapters"]:
         _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
     model.requires_grad_(False)
-    model.eval()
+    runtime = inference_runtime(device, precision)
+    speed.install(model, SpeedPaths.for_device(runtime.device))
+    model.to(runtime.device).eval()
     trie = None
     if settings["decoding"]["constrain_to_train_answers"]:
         values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
         trie = AnswerTrie(values["sequences"], values["eos_token_id"])
-    return ExportedModel(model, tokenizer, preprocessing, settings, folder, trie)
+    return ExportedModel(model, tokenizer, preprocessing, settings, folder, runtime, trie)
 
 
 def _attach_adapter(tower: nn.Module, folder: Path) -> None:
@@ -388,8 +399,10 @@ def compare(
     if not same_inputs:
         problems.append("the exported tokenizer or preprocessing gives other inputs than the run's")
     with torch.no_grad():
-        ref_logits = reference.model(ref_batch)
-        exp_logits = exported.model(exp_batch)
+        with reference.runtime.autocast():
+            ref_logits = reference.model(reference.runtime.move(ref_batch)).float().cpu()
+        with exported.runtime.autocast():
+            exp_logits = exported.model(exported.runtime.move(exp_batch)).float().cpu()
     diff = math.inf
     if ref_logits.shape == exp_logits.shape:
         diff = (ref_logits - exp_logits).abs().max().item()
@@ -404,6 +417,7 @@ def compare(
         max_new_tokens=config.data.max_answer_tokens,
         num_beams=config.train.num_beams,
         trie=trie,
+        runtime=reference.runtime,
     )
     exp_answers = exported.predict(records, image_root)
     identical = sum(a == b for a, b in zip(ref_answers, exp_answers, strict=True))
@@ -434,11 +448,13 @@ def check_export(
     checkpoint: str = "best",
     questions: int = CHECK_QUESTIONS,
     tolerance: float | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Check an export folder against its run (LoRA unmerged: the weights as trained); the
-    report's ``status`` is ``passed`` or ``failed``."""
-    exported = load_exported(folder)
-    reference = load_run(run_dir, checkpoint, merge=False)
+    """Check an export folder against its run (LoRA unmerged: the weights as trained), both
+    on ``device`` in fp32 (the check is about weights, not precision); the report's
+    ``status`` is ``passed`` or ``failed``."""
+    exported = load_exported(folder, device, precision="no")
+    reference = load_run(run_dir, checkpoint, merge=False, device=device, precision="no")
     splits = run_splits(reference)
     split, records = held_out(splits, questions)
     trie = _trie(reference, train_answer_sequences(reference, splits))
@@ -485,18 +501,20 @@ def export_run(
     questions: int = CHECK_QUESTIONS,
     tolerance: float | None = None,
     log: Log = print,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Export a run's checkpoint into ``out`` and check it against the run; returns the check.
 
     The folder is built beside ``out`` and renamed into place only once the check passed, so
     ``out`` never holds a partial or failing export. A failed check raises ``ExportCheckError``.
+    The check runs on ``device`` in fp32; the files hold CPU tensors whatever the device.
     """
     run_dir, out = Path(run_dir), Path(out)
     check_destination(run_dir, out, overwrite)
     if tolerance is None:
         tolerance = default_tolerance(merge)
     log(f"loading {run_dir} ({checkpoint} checkpoint)")
-    reference = load_run(run_dir, checkpoint, merge=False)
+    reference = load_run(run_dir, checkpoint, merge=False, device=device, precision="no")
     splits = run_splits(reference)
     split, records = held_out(splits, questions)
     sequences = train_answer_sequences(reference, splits)
@@ -512,7 +530,7 @@ def export_run(
         )
         del model
         log(f"checking the export against the run on {len(records)} {split} questions")
-        exported = load_exported(tmp)
+        exported = load_exported(tmp, device, precision="no")
         report = compare(
             exported, reference, records, splits.image_root, tolerance, _trie(reference, sequences)
         )

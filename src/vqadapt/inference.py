@@ -13,7 +13,9 @@ from vqadapt.checkpoint import load_checkpoint
 from vqadapt.config import RunConfig
 from vqadapt.data.records import VQARecord
 from vqadapt.errors import VQAConfigError
+from vqadapt.evaluate import AnswerTrie, answer_counts, evaluate_split, write_predictions
 from vqadapt.io import atomic_write_json
+from vqadapt.runtime import Runtime, inference_runtime
 
 
 @dataclass
@@ -24,6 +26,7 @@ class LoadedRun:
     preprocessing: Any
     backbones: Backbones
     run_dir: Path
+    runtime: Runtime
 
 
 def merge_lora(model) -> int:
@@ -38,11 +41,19 @@ def merge_lora(model) -> int:
     return merged
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", merge: bool = True) -> LoadedRun:
-    """Rebuild the model of a run from its config and checkpoint.
+def load_run(
+    run_dir: str | Path,
+    checkpoint: str = "best",
+    merge: bool = True,
+    device: str = "auto",
+    precision: str | None = None,
+) -> LoadedRun:
+    """Rebuild the model of a run from its config and checkpoint, on ``device`` (the best
+    available by default, whatever device trained it).
 
     With ``merge`` (the default) LoRA adapters are folded into the weights: the same outputs
-    (checked by a test) without the extra low-rank matmuls.
+    (checked by a test) without the extra low-rank matmuls. ``precision``: the run's setting
+    by default, resolved for this device (``auto`` is fp32 on a CPU).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -69,12 +80,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", merge: bool = True) 
             else None
         )
         backbones = Backbones(bases["vision"], bases["text"], data)
-    model, _, tokenizer, preprocessing = build_model(config, backbones)
+    runtime = inference_runtime(device, precision or config.train.mixed_precision)
+    model, _, tokenizer, preprocessing = build_model(config, backbones, runtime.device)
     load_checkpoint(model, run_dir / checkpoint)
     if merge:
         merge_lora(model)
     model.eval()
-    return LoadedRun(config, model, tokenizer, preprocessing, backbones, run_dir)
+    return LoadedRun(config, model, tokenizer, preprocessing, backbones, run_dir, runtime)
 
 
 def evaluate_run(
@@ -83,16 +95,18 @@ def evaluate_run(
     num_beams: int | None = None,
     log=print,
     merge: bool = True,
+    device: str = "auto",
+    precision: str | None = None,
 ) -> dict:
     """Score the best checkpoint on a split; writes ``predictions_<split>.jsonl`` and ``eval_<split>.json``."""
-    from vqadapt.evaluate import AnswerTrie, answer_counts, write_predictions
-    from vqadapt.train import evaluate_split
-
-    run = load_run(run_dir, merge=merge)
+    run = load_run(run_dir, merge=merge, device=device, precision=precision)
     config = run.config
     if num_beams is not None:
         config.train.num_beams = num_beams
-    data = build_data(config, run.model, run.tokenizer, run.preprocessing, run.backbones, log=log)
+    data = build_data(
+        config, run.model, run.tokenizer, run.preprocessing, run.backbones, log=log,
+        runtime=run.runtime,
+    )  # fmt: skip
     if split not in data.collators or not len(data.encoded[split]):
         raise VQAConfigError(f"the run has no {split!r} split")
     trie = None
@@ -101,8 +115,9 @@ def evaluate_run(
             [ids.tolist() for ids in data.encoded["train"].label_ids], run.tokenizer.eos_token_id
         )
     result = evaluate_split(
-        run.model, data, split, run.tokenizer, config, answer_counts(data.splits.train), trie
-    )
+        run.model, data, split, run.tokenizer, config, answer_counts(data.splits.train), trie,
+        run.runtime,
+    )  # fmt: skip
     write_predictions(
         run.run_dir / f"predictions_{split}.jsonl",
         getattr(data.splits, split),
@@ -135,17 +150,18 @@ def question_batch(
         run.preprocessing,
         FeatureSources(),
         run.model.vision is None,
+        run.model.speed_paths.length_multiple,
     )
-    return collator([0])
+    return run.runtime.move(collator([0]))
 
 
 @torch.no_grad()
 def answer_question(
     run: LoadedRun, question: str, image: str | Path | None, num_beams: int = 1
 ) -> str:
-    generated = run.model.generate(
-        question_batch(run, question, image),
-        max_new_tokens=run.config.data.max_answer_tokens,
-        num_beams=num_beams,
-    )
+    batch = question_batch(run, question, image)
+    with run.runtime.autocast():
+        generated = run.model.generate(
+            batch, max_new_tokens=run.config.data.max_answer_tokens, num_beams=num_beams
+        )
     return run.tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()

@@ -17,6 +17,7 @@ from vqadapt.data.images import ImageIndex, load_image
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
 from vqadapt.errors import VQADataError
+from vqadapt.speed import round_lengths
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
 
@@ -196,8 +197,10 @@ class Collator:
         preprocessing: ImagePreprocessing | None,
         features: FeatureSources,
         blind: bool,
+        length_multiple: int = 1,
     ) -> None:
         self.split, self.encoded, self.pad_id, self.start_id = split, encoded, pad_id, start_id
+        self.length_multiple = length_multiple  # static shape buckets (vqadapt.speed)
         self.images, self.preprocessing, self.features, self.blind = (
             images,
             preprocessing,
@@ -236,4 +239,4 @@ class Collator:
                 batch["vision_embeddings"] = self.features.vision_embeddings[slots]
             else:
                 batch["pixel_values"] = self.preprocessing.normalise(self.images.pixels()[slots])
-        return batch
+        return round_lengths(batch, self.length_multiple, self.pad_id)

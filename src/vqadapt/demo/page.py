@@ -198,10 +198,12 @@ def serve(
     num_beams: int = 3,
     limits: UploadLimits | None = None,
     block: bool = True,
+    device: str = "auto",
 ) -> Any:
-    """Load a run and serve its demo page (blocks until Ctrl+C unless ``block`` is False)."""
+    """Load a run onto ``device`` and serve its demo page (blocks until Ctrl+C unless
+    ``block`` is False)."""
     import_gradio()  # fail before the model loads when the extra is missing
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     chosen = demo_examples(run, examples)
     page = build_page(run, chosen, limits, num_beams)
     folders = sorted({example.image.parent for example in chosen})

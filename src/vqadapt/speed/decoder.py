@@ -6,7 +6,7 @@ and output records on every call; a teacher-forced pass needs none of them (no c
 self-attention, one padding mask over the encoder states). This runs the same modules in the
 library's order (``MBartDecoder.forward`` / ``MBartDecoderLayer.forward``): token and position
 embeddings, then per layer causal self-attention, cross-attention (the absorbed path of
-``cross_attention.py``) and the feed-forward block, with vqadapt's dropout (``dropout.py``).
+``cross_attention.py``) and the feed-forward block, with the installed dropout.
 Hidden states equal the library's up to float rounding (``tests/test_packed.py``). Generation
 keeps the library's decoder and its key / value cache.
 """
@@ -17,12 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqadapt.dropout import dropout
-
-
-def usable(decoder: nn.Module) -> bool:
-    """MBart's pre-norm decoder without LayerDrop (which skips layers at random)."""
-    return decoder.config.model_type == "mbart" and not (decoder.training and decoder.layerdrop > 0)
+from vqadapt.losses import token_losses
+from vqadapt.speed.packed import Dropout
 
 
 def _causal_self_attention(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -48,6 +44,7 @@ def teacher_forced(
     input_ids: torch.Tensor,
     states: torch.Tensor,
     states_mask: torch.Tensor,
+    dropout: Dropout = F.dropout,
 ) -> torch.Tensor:
     """Final decoder hidden states (B, T, d) for ``input_ids`` (B, T) attending to ``states``
     (B, N, d) where ``states_mask`` (B, N) is 1."""
@@ -73,3 +70,48 @@ def teacher_forced(
         hidden = dropout(hidden, layer.activation_dropout if layer.training else 0.0)
         hidden = residual + dropout(layer.fc2(hidden), drop)
     return decoder.layer_norm(hidden)
+
+
+class FastTeacherForcing:
+    """Per-sample losses of a teacher-forced pass, with the speed paths a family supports:
+    the lean decoder (MBart, no LayerDrop in training) and the LM head on labelled positions
+    only (boolean indexing: a host sync, so CPU only). Stands in for the model's library
+    ``TeacherForcing`` (``vqadapt.model``), whose results it equals up to float rounding."""
+
+    def __init__(self, family, lean_decoder: bool, head_on_labels: bool, dropout=F.dropout):
+        self.family = family
+        self.lean_decoder = lean_decoder
+        self.head_on_labels = head_on_labels
+        self.dropout = dropout
+
+    def losses(
+        self,
+        text: nn.Module,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        decoder = text.get_decoder()
+        lean = (
+            self.lean_decoder
+            and batch.get("decoder_attention_mask") is None
+            and not (decoder.training and decoder.layerdrop > 0)  # LayerDrop skips layers
+        )
+        if lean:
+            hidden = teacher_forced(decoder, batch["decoder_input_ids"], states, mask, self.dropout)
+        else:
+            hidden = self.family.decoder_hidden(text, batch, states, mask)
+        labels = batch["labels"]
+        if not self.head_on_labels:
+            return token_losses(self.family.logits(text, hidden), labels, label_smoothing)
+        # Answers are short and padded to the longest in the batch; the head's V x d matmul is
+        # the decoder's largest, so it runs where there is a label only.
+        keep = labels != -100
+        logits = self.family.logits(text, hidden[keep])
+        per_token = F.cross_entropy(
+            logits.float(), labels[keep], label_smoothing=label_smoothing, reduction="none"
+        )
+        rows = keep.nonzero()[:, 0]
+        sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+        return sums / keep.sum(dim=1).clamp(min=1)
