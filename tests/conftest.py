@@ -76,6 +76,16 @@ TINY_DINO = dict(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``cuda``-marked tests run where CUDA exists and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass(frozen=True)
 class VQAEnv:
     """Where the session's data, backbones and caches live, and how to point a run at them."""

@@ -43,6 +43,9 @@ METRIC_KEYS = {
     "grad_norm_max",
     "grad_norm_layers",
     "skipped_steps",
+    "train_seconds",
+    "peak_gpu_memory_mib",
+    "peak_rss_mib",
     "seconds",
     "samples_per_s",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -267,6 +268,8 @@ def train_epoch(
     t = config.train
     accelerator = runtime.accelerator
     started = time.perf_counter()
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     fit.model.train()
     fit.meter.reset()
     fit.step.reset_epoch()
@@ -318,9 +321,20 @@ def train_epoch(
         "train_loss_std": std,
         **fit.meter.epoch_record(),
         "skipped_steps": fit.step.skipped_steps(),
+        "train_seconds": time.perf_counter() - started,  # training only (after the reads above)
+        **peak_memory(runtime),
         "started": started,
         "n_train": n_train,
     }
+
+
+def peak_memory(runtime: Runtime) -> dict[str, float | None]:
+    """The epoch's peak GPU memory allocated (CUDA) and the process's peak RSS (MiB)."""
+    gpu = None
+    if runtime.device.type == "cuda":
+        gpu = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_gpu_memory_mib": gpu, "peak_rss_mib": rss}
 
 
 def epoch_record(epoch: int, train_part: dict[str, Any], val: dict[str, Any], fit: Fit) -> dict:
