@@ -48,6 +48,15 @@ def test_every_strategy_trains_on_the_gpu_in_bf16(vqa_env, tmp_path, strategy, c
     assert summary["test"]["n"] > 0
 
 
+def test_compiled_training_on_the_gpu(vqa_env, tmp_path):
+    from vqadapt.train import train
+
+    run = tmp_path / "run"
+    summary = train(vqa_env.config(run, "--compile", "--device", "cuda"), log=QUIET)
+    assert summary["test"]["n"] > 0
+    assert torch.isfinite(torch.tensor(_metrics(run)[0]["train_loss"]))
+
+
 def test_cached_and_uncached_agree_on_the_gpu(vqa_env, tmp_path):
     """The cache stores the frozen towers' outputs: the same losses up to bf16 rounding."""
     from vqadapt.train import train

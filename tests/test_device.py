@@ -362,3 +362,14 @@ def test_cpu_bf16_autocast_trains_and_evaluates(vqa_env, tmp_path) -> None:
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in rows)
     scores = evaluate_run(run, "test", log=lambda _: None, precision="bf16")
     assert 0.0 <= scores["em"] <= 1.0 and scores["n"] > 0
+
+
+def test_compile_asks_accelerate_for_inductor() -> None:
+    """``--compile`` hands the model to torch.compile (inductor) when accelerate prepares it;
+    the compiled step itself is run by the cuda tests (on a CPU the profile's numpy dropout
+    breaks the graph, so compiling there buys nothing)."""
+    from vqadapt.runtime import training_runtime
+
+    runtime = training_runtime("cpu", "no", compile_model=True)
+    assert runtime.accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
+    assert training_runtime("cpu", "no").accelerator.state.dynamo_plugin.backend.value == "NO"

@@ -158,10 +158,10 @@ def training_runtime(
     )
     target = torch.device("cpu") if cpu else (wanted or best_device())
     resolved = resolve_precision(precision, target)
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, resolved):
-        # accelerate keeps one precision per process; a second run in the same process (a
-        # notebook, the tests) may ask for another: forget the first (the process group stays)
+    if AcceleratorState._shared_state:
+        # accelerate keeps one precision and compile setting per process; a second run in the
+        # same process (a notebook, the tests) may ask for others: forget the first run's
+        # (the process group, PartialState's, stays)
         AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=resolved,
