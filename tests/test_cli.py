@@ -226,7 +226,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("--unfreeze_encoder_layers -2", "--unfreeze_encoder_layers must be >= 0"),
         ("--resume --overwrite", "--resume and --overwrite contradict each other"),
         ("--no_such_flag 3", "unrecognised arguments: --no_such_flag 3"),
-        ("--epochs many", "invalid int value: 'many'"),
+        ("--epochs many", "--epochs must be an integer (got 'many')"),
     ],
 )
 def test_invalid_flags_exit_2_before_any_model_loads(

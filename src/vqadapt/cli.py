@@ -1,46 +1,64 @@
-"""Command line: parses arguments and calls the library (no logic of its own)."""
+"""Command line: parses arguments and calls the library (no logic of its own).
+
+Each command imports the library modules it runs when it runs: torch and transformers take
+seconds to import, and ``--help`` (or a refused flag) must not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
+from vqadapt.config import (
+    DATA_FORMATS,
+    ON_BAD_IMAGE,
+    PRECISIONS,
+    config_from_args,
+    parse_run_config,
+    run_config_parser,
+)
+from vqadapt.demo.limits import UploadLimits
 from vqadapt.errors import VQAConfigError, VQADataError, VQATrainingError
-
-TRAIN_LIKE = ("train", "plan")
+from vqadapt.fields import FRACTION, NON_NEGATIVE, POSITIVE, SEED_RANGE, Bounds
+from vqadapt.weights import SCHEMES
 
 
 def _cmd_train(argv: list[str]) -> int:
-    from vqadapt.config import parse_run_config
+    config = parse_run_config(argv)  # --help prints the flags and exits here, before torch loads
     from vqadapt.train import train
 
-    if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
-
-        from vqadapt.config import CONFIG_CLASSES
-
-        HfArgumentParser(CONFIG_CLASSES, prog="vqadapt train").print_help()
-        return 0
-    summary = train(parse_run_config(argv))
+    summary = train(config)
     return 0 if summary else 1
 
 
 def _cmd_plan(argv: list[str]) -> int:
+    parser = run_config_parser(
+        "vqadapt plan",
+        "Print what would train, per tower and layer, without training (the flags of "
+        "vqadapt train).",
+    )
+    parser.add_argument(
+        "--rank_table", action="store_true", help="add exact LoRA parameter counts for r = 4..64"
+    )
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise VQAConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    config = config_from_args(args)
     from vqadapt.adapt import format_plan, lora_parameter_count
     from vqadapt.build import build_model, resolve_backbones
-    from vqadapt.config import parse_run_config
 
-    rank_table = "--rank_table" in argv
-    argv = [a for a in argv if a != "--rank_table"]
-    config = parse_run_config(argv)
     backbones = resolve_backbones(config, log=lambda m: print(m, file=sys.stderr))
     _, plan, _, _ = build_model(config, backbones)
     print(format_plan(plan))
-    if rank_table:
-        fresh_config = parse_run_config([*argv, "--unfreeze_encoder_layers", "0"])
-        fresh_config.adapt.use_text_lora = fresh_config.adapt.use_vision_lora = False
-        base, _, _, _ = build_model(fresh_config, backbones)
+    if args.rank_table:
+        frozen = dataclasses.replace(
+            config.adapt, unfreeze_encoder_layers=0, use_text_lora=False, use_vision_lora=False
+        )
+        base, _, _, _ = build_model(dataclasses.replace(config, adapt=frozen), backbones)
         print("\nexact LoRA parameter counts (q/k/v of every encoder layer)")
         print(f"{'r':>4}{'text encoder':>16}{'vision encoder':>16}")
         for r in (4, 8, 16, 32, 64):
@@ -185,7 +203,6 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vqadapt.demo.limits import UploadLimits
     from vqadapt.demo.page import serve
 
     limits = UploadLimits(args.max_file_mb, args.max_pixels, args.max_question_chars)
@@ -193,7 +210,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, bounds: Bounds) -> Callable[[str], Any]:
+    """An argparse ``type``: an int or float within ``bounds`` (never NaN or infinite)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        problem = bounds.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = _number(int, POSITIVE)
+SEED = _number(int, SEED_RANGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command but train and plan (those take the config's flags: run_config_parser)."""
     parser = argparse.ArgumentParser(
         prog="vqadapt",
         description="Train Vietnamese generative VQA models and measure how the encoders are best adapted.",
@@ -206,32 +246,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank_table adds exact LoRA counts)",
         add_help=False,
     )
+    run_help = "run directory (vqadapt train --output_dir); its best checkpoint is used"
 
     ev = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--split", default="test", choices=("val", "test", "train"))
-    ev.add_argument("--num_beams", type=int, default=None)
+    ev.add_argument("--run", required=True, help=run_help)
+    ev.add_argument(
+        "--split",
+        default="test",
+        choices=("val", "test", "train"),
+        help="which split of the run's data (default %(default)s); writes "
+        "predictions_<split>.jsonl and eval_<split>.json into the run",
+    )
+    ev.add_argument(
+        "--num_beams", type=COUNT, default=None, help="beams (default: the run's --num_beams)"
+    )
     _device_flags(ev, precision=True)
 
     pr = sub.add_parser("predict", help="answer one question about one image")
-    pr.add_argument("--run", required=True)
-    pr.add_argument("--question", required=True)
-    pr.add_argument("--image", default=None)
-    pr.add_argument("--num_beams", type=int, default=1)
+    pr.add_argument("--run", required=True, help=run_help)
+    pr.add_argument("--question", required=True, help="the question, in Vietnamese")
+    pr.add_argument(
+        "--image", default=None, help="the image file (not needed by a --blind model's run)"
+    )
+    pr.add_argument("--num_beams", type=COUNT, default=1, help="beams (default %(default)s)")
     _device_flags(pr, precision=True)
 
     ex = sub.add_parser(
         "export", help="write a self-contained model folder and check it against the run"
     )
-    ex.add_argument("--run", required=True)
+    ex.add_argument("--run", required=True, help="run directory (vqadapt train --output_dir)")
     ex.add_argument("--out", required=True, help="folder to create (refused if not empty)")
-    ex.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    ex.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=("best", "last"),
+        help="the run's best (by its early-stopping metric) or last checkpoint (default "
+        "%(default)s)",
+    )
     ex.add_argument("--merge", action="store_true", help="fold LoRA into the weights")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    ex.add_argument("--check_questions", type=int, default=32, help="held-out questions checked")
+    ex.add_argument(
+        "--check_questions",
+        type=COUNT,
+        default=32,
+        help="held-out questions checked (default %(default)s)",
+    )
     ex.add_argument(
         "--tolerance",
-        type=float,
+        type=_number(float, POSITIVE),
         default=None,
         help="largest logit difference allowed (default 1e-4, with --merge 1e-3)",
     )
@@ -240,56 +302,93 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="synthetic data and data set summaries")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate the synthetic Vietnamese shapes VQA set")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--n", type=int, default=10_000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="folder to write (CSV files and images/)")
+    synth.add_argument(
+        "--n", type=_number(int, Bounds(2)), default=10_000, help="questions (default %(default)s)"
+    )
+    synth.add_argument("--seed", type=SEED, default=0, help="random seed (default %(default)s)")
+    format_help = "annotation format; auto: by extension (default %(default)s)"
     stats = data_sub.add_parser("stats", help="counts per type, answers, lengths, images found")
-    stats.add_argument("files", nargs="+")
-    stats.add_argument("--format", default="auto")
-    stats.add_argument("--language", default=None)
-    stats.add_argument("--image_root", default=None)
+    stats.add_argument("files", nargs="+", help="annotation files (ViVQA CSV, JSON or JSONL)")
+    stats.add_argument("--format", default="auto", choices=DATA_FORMATS, help=format_help)
+    stats.add_argument("--language", default=None, help="keep only this language (EVJVQA JSON)")
+    stats.add_argument(
+        "--image_root", default=None, help="folder of the images: also count those found"
+    )
 
     check = data_sub.add_parser(
         "check", help="validate a whole data set; report every problem at once"
     )
-    check.add_argument("--train_file", required=True)
-    check.add_argument("--test_file", default=None)
-    check.add_argument("--val_file", default=None)
-    check.add_argument("--image_root", default=None)
-    check.add_argument("--format", default="auto")
-    check.add_argument("--language", default=None)
-    check.add_argument("--on_bad_image", default="error", choices=("error", "skip"))
-    check.add_argument("--answer_weights", default=None)
+    check.add_argument("--train_file", required=True, help="training annotations")
+    check.add_argument("--test_file", default=None, help="test annotations")
+    check.add_argument("--val_file", default=None, help="validation annotations")
+    check.add_argument(
+        "--image_root", default=None, help="folder of the images (every image is opened)"
+    )
+    check.add_argument("--format", default="auto", choices=DATA_FORMATS, help=format_help)
+    check.add_argument("--language", default=None, help="keep only this language (EVJVQA JSON)")
+    check.add_argument(
+        "--on_bad_image",
+        default="error",
+        choices=ON_BAD_IMAGE,
+        help="a missing or unreadable image is an error, or a warning whose questions "
+        "training would skip (default %(default)s)",
+    )
+    check.add_argument(
+        "--answer_weights", default=None, help="an answer_weights.json to check against train"
+    )
 
     bb = sub.add_parser("backbones", help="tiny pretrained backbones")
     bb_sub = bb.add_subparsers(dest="backbones_command", required=True)
     tiny = bb_sub.add_parser("tiny", help="build (or show) the tiny DINOv2 + MBart")
     tiny.add_argument("--out", default=None, help="folder (default: the shared cache, built once)")
-    tiny.add_argument("--text_steps", type=int, default=None, help="denoising steps (default 320)")
-    tiny.add_argument("--vision_steps", type=int, default=None, help="vision steps (default 250)")
+    tiny.add_argument(
+        "--text_steps", type=COUNT, default=None, help="denoising steps (default 320)"
+    )
+    tiny.add_argument("--vision_steps", type=COUNT, default=None, help="vision steps (default 250)")
     tiny.add_argument(
         "--text_encoder_layers",
-        type=int,
+        type=COUNT,
         default=12,
         help="text-encoder depth (12 mirrors BARTpho; fewer learn faster from little data)",
     )
 
     aw = sub.add_parser("answer-weights", help="per-answer loss weights (answer_weights.json)")
     aw.add_argument("--data", nargs="+", required=True, help="training annotation file(s)")
-    aw.add_argument("--format", default="auto")
+    aw.add_argument("--format", default="auto", choices=DATA_FORMATS, help=format_help)
     aw.add_argument(
-        "--scheme", default="inverse", choices=("inverse", "sqrt_inverse", "effective_number")
+        "--scheme",
+        default="inverse",
+        choices=SCHEMES,
+        help="1/n, 1/sqrt(n) or the inverse effective number of samples (default %(default)s)",
     )
-    aw.add_argument("--beta", type=float, default=0.999)
-    aw.add_argument("--clip", type=float, nargs=2, metavar=("MIN", "MAX"), default=None)
-    aw.add_argument("--out", default="answer_weights.json")
+    aw.add_argument(
+        "--beta",
+        type=_number(float, FRACTION),
+        default=0.999,
+        help="beta of effective_number, in [0, 1) (default %(default)s)",
+    )
+    aw.add_argument(
+        "--clip",
+        type=_number(float, NON_NEGATIVE),
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=None,
+        help="clip the weights into [MIN, MAX] (MIN <= 1 <= MAX), keeping the mean weight 1",
+    )
+    aw.add_argument(
+        "--out", default="answer_weights.json", help="file to write (default %(default)s)"
+    )
 
     ab = sub.add_parser("ablate", help="run the ablation study and write its report")
     ab.add_argument(
-        "--preset", default="quick", help="a name in experiments/presets or a YAML file"
+        "--preset",
+        default="quick",
+        help="a preset shipped with vqadapt (quick, seed, grid-example; $VQADAPT_EXPERIMENTS "
+        "points elsewhere) or a YAML file (default %(default)s)",
     )
     ab.add_argument(
-        "--seeds", type=int, default=None, help="number of seeds (default: the preset's)"
+        "--seeds", type=COUNT, default=None, help="number of seeds (default: the preset's)"
     )
     ab.add_argument("--out", default=None, help="study folder (default: runs/ablation-<preset>)")
     ab.add_argument("--quick", action="store_true", help="the quick preset on the embedded default")
@@ -297,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--report_only", action="store_true", help="only rebuild the report")
     ab.add_argument(
         "--jobs",
-        type=int,
+        type=int,  # the runner checks it (a library caller gets the same message)
         default=1,
         help="cells trained at once: each gets its own GPU (round-robin over the visible ones) "
         "or an equal share of the CPU cores",
@@ -306,21 +405,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every cell"
     )
 
-    from vqadapt.demo.limits import UploadLimits
-
     dm = sub.add_parser(
         "demo", help="a local web page: ask a run questions, see beams and attention"
     )
     dm.add_argument("--run", required=True, help="run directory (its best checkpoint)")
-    dm.add_argument("--host", default="127.0.0.1")
-    dm.add_argument("--port", type=int, default=7860)
-    dm.add_argument("--examples", type=int, default=8, help="preloaded synthetic examples")
-    dm.add_argument("--num_beams", type=int, default=3, help="beams shown at first (1-8)")
-    limit = "refused above this (default %(default)s)"
-    dm.add_argument("--max_file_mb", type=float, default=UploadLimits.max_file_mb, help=limit)
-    dm.add_argument("--max_pixels", type=int, default=UploadLimits.max_pixels, help=limit)
     dm.add_argument(
-        "--max_question_chars", type=int, default=UploadLimits.max_question_chars, help=limit
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default %(default)s: this machine only)",
+    )
+    dm.add_argument(
+        "--port",
+        type=_number(int, Bounds(0, 65535, high_closed=True)),
+        default=7860,
+        help="port (default %(default)s)",
+    )
+    dm.add_argument(
+        "--examples",
+        type=_number(int, NON_NEGATIVE),
+        default=8,
+        help="preloaded synthetic examples",
+    )
+    dm.add_argument("--num_beams", type=COUNT, default=3, help="beams shown at first (1-8)")
+    limit = "refused above this (default %(default)s)"
+    dm.add_argument(
+        "--max_file_mb", type=_number(float, POSITIVE), default=UploadLimits.max_file_mb, help=limit
+    )
+    dm.add_argument("--max_pixels", type=COUNT, default=UploadLimits.max_pixels, help=limit)
+    dm.add_argument(
+        "--max_question_chars", type=COUNT, default=UploadLimits.max_question_chars, help=limit
     )
     _device_flags(dm, precision=False)
     return parser
@@ -337,7 +450,7 @@ def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
         parser.add_argument(
             "--mixed_precision",
             default=None,
-            choices=("auto", "no", "bf16", "fp16"),
+            choices=PRECISIONS,
             help="default: the run's setting, resolved for this device (auto: bf16 on a GPU "
             "that supports it, else fp32)",
         )

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from vqadapt.config import PRECISIONS
 from vqadapt.errors import VQAConfigError
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
 DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

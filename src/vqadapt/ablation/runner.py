@@ -1,7 +1,7 @@
 """The ablation runner: presets are data, each cell is a run directory with a status.
 
-A preset (``experiments/presets/NAME.yaml``) is a small file of overrides over
-``experiments/defaults.yaml``: ``base`` applies to every cell, then each experiment's
+A preset (``presets/NAME.yaml`` of ``vqadapt.experiments``, shipped with the package) is a small
+file of overrides over its ``defaults.yaml``: ``base`` applies to every cell, then each experiment's
 ``overrides`` (or every combination of a ``grid``). Each (experiment, seed) cell trains in its
 own process (``python -m vqadapt train --config cell.yaml``), so a crash or an out-of-memory
 kill marks that cell failed and the study goes on. Rerunning skips finished cells, resumes
@@ -24,11 +24,10 @@ from typing import Any
 
 import yaml
 
-from vqadapt.config import RunConfig, field_owner, load_yaml
+from vqadapt.config import RunConfig, check_settings, load_yaml
 from vqadapt.errors import VQAConfigError
+from vqadapt.experiments import defaults_file, preset_file
 from vqadapt.io import atomic_write_json, atomic_write_text
-
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
 
 
 @dataclass
@@ -49,22 +48,22 @@ class Preset:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def experiments_dir() -> Path:
-    """``experiments/`` of the checkout, or ``$VQADAPT_EXPERIMENTS``."""
-    return Path(os.environ.get("VQADAPT_EXPERIMENTS", EXPERIMENTS_DIR))
-
-
 def _preset_file(name_or_path: str) -> Path:
+    """A YAML file given by path, or a preset shipped with vqadapt by name."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise VQAConfigError(f"preset file not found: {path}")
         return path
-    path = experiments_dir() / "presets" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (experiments_dir() / "presets").glob("*.yaml"))
-        raise VQAConfigError(f"unknown preset {name_or_path!r}; known: {', '.join(known)}")
-    return path
+    return preset_file(name_or_path)
+
+
+def _mapping(values: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """``values[key]``: a mapping (absent or empty: ``{}``)."""
+    found = values.get(key) or {}
+    if not isinstance(found, dict):
+        raise VQAConfigError(f"{path}: {key} must be a mapping of settings (got {found!r})")
+    return dict(found)
 
 
 def _grid_experiments(grid: dict[str, list[Any]]) -> list[Experiment]:
@@ -80,38 +79,41 @@ def _grid_experiments(grid: dict[str, list[Any]]) -> list[Experiment]:
 
 
 def load_preset(name_or_path: str) -> Preset:
-    """Read a preset (following ``extends``) and check every override names a real setting."""
-    values = load_yaml(_preset_file(name_or_path))
+    """Read a preset (following ``extends``) and check every override: a real setting, of the
+    right type and range (a message names the preset, the experiment, the setting, the value)."""
+    path = _preset_file(name_or_path)
+    values = load_yaml(path)
     if "extends" in values:
-        parent = load_yaml(_preset_file(values["extends"]))
-        merged_base = {**parent.get("base", {}), **values.get("base", {})}
+        parent = load_yaml(_preset_file(str(values["extends"])))
+        merged_base = {**_mapping(parent, "base", path), **_mapping(values, "base", path)}
         values = {**parent, **values, "base": merged_base}
+    listed = values.get("experiments") or []
+    if not isinstance(listed, list) or not all(isinstance(e, dict) and "name" in e for e in listed):
+        raise VQAConfigError(f"{path}: experiments must be a list of mappings, each with a name")
     experiments = [
-        Experiment(e["name"], e.get("description", ""), dict(e.get("overrides", {})))
-        for e in values.get("experiments", [])
+        Experiment(str(e["name"]), e.get("description", ""), _mapping(e, "overrides", path))
+        for e in listed
     ]
     if values.get("grid"):
-        experiments += _grid_experiments(values["grid"])
+        experiments += _grid_experiments(_mapping(values, "grid", path))
+    seeds = values.get("seeds", 1)
+    if type(seeds) is not int or seeds < 1:
+        raise VQAConfigError(f"{path}: seeds must be an integer >= 1 (got {seeds!r})")
     if not experiments:
         raise VQAConfigError(f"preset {name_or_path!r} defines no experiments")
-    defaults = load_yaml(experiments_dir() / "defaults.yaml")
-    owner = field_owner()
-    for where, mapping in [("defaults", defaults), ("base", values.get("base", {}))] + [
-        (e.name, e.overrides) for e in experiments
-    ]:
-        unknown = sorted(set(mapping) - set(owner))
-        if unknown:
-            raise VQAConfigError(
-                f"preset {name_or_path!r}, {where}: unknown settings {', '.join(unknown)}"
-            )
+    defaults, base = load_yaml(defaults_file()), _mapping(values, "base", path)
+    check_settings(defaults, defaults_file())
+    check_settings(base, f"{path}, base")
+    for experiment in experiments:
+        check_settings(experiment.overrides, f"{path}, experiment {experiment.name!r}")
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise VQAConfigError(f"preset {name_or_path!r}: experiment names repeat")
     return Preset(
         name=values.get("name", Path(name_or_path).stem),
         description=values.get("description", ""),
-        seeds=int(values.get("seeds", 1)),
-        base=values.get("base", {}),
+        seeds=seeds,
+        base=base,
         experiments=experiments,
         answer_weights=values.get("answer_weights"),
         defaults=defaults,
@@ -123,9 +125,7 @@ def cell_config(
 ) -> RunConfig:
     values = {**preset.defaults, **preset.base, **experiment.overrides, **extra}
     values.update(seed=seed, output_dir=str(cell))
-    config = RunConfig.from_dict(values)
-    config.validate()
-    return config
+    return RunConfig.from_dict(values)
 
 
 def read_status(cell: Path) -> str | None:

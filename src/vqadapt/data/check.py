@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vqadapt.config import ON_BAD_IMAGE
 from vqadapt.data.formats import parse_file
 from vqadapt.data.images import REFUSED_REASONS, ImageIndex
 from vqadapt.data.parse.problems import ERROR, WARNING, Collector, Problem, Row
@@ -32,7 +33,6 @@ LONG_QUESTION_CHARS = 500
 """Without a tokenizer, questions longer than this (characters) get a warning."""
 THUMBNAIL = 64
 """JPEGs are decoded at reduced scale (>= this size): every byte is still read, 8x faster."""
-ON_BAD_IMAGE = ("error", "skip")
 
 
 @dataclasses.dataclass

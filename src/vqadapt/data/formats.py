@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vqadapt.config import FILE_FORMATS
 from vqadapt.data.parse import jsonl, vivqa_csv, vqa_json
 from vqadapt.data.parse.fields import read_text
 from vqadapt.data.parse.problems import Collector, Row
 from vqadapt.data.records import VQARecord
 from vqadapt.errors import VQADataError
 
-FORMATS = ("vivqa_csv", "json", "jsonl")
+FORMATS = FILE_FORMATS
 BY_EXTENSION = {".csv": "vivqa_csv", ".json": "json", ".jsonl": "jsonl"}
 _PARSERS = {"vivqa_csv": vivqa_csv, "json": vqa_json, "jsonl": jsonl}
 
