@@ -19,10 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
+from transformers import get_scheduler
 
 import vqadapt
+from vqadapt import embedded
 from vqadapt.adapt import AdaptationPlan, format_plan
-from vqadapt.build import Backbones, DataBundle, build_data, build_model, resolve_backbones
+from vqadapt.build import (
+    Backbones,
+    DataBundle,
+    build_data,
+    build_model,
+    resolve_backbones,
+    validate_data,
+)
 from vqadapt.checkpoint import (
     STATE_FILE,
     load_checkpoint,
@@ -30,6 +40,7 @@ from vqadapt.checkpoint import (
     save_checkpoint,
 )
 from vqadapt.config import RunConfig
+from vqadapt.data.pipeline import load_splits
 from vqadapt.evaluate import (
     AnswerTrie,
     answer_counts,
@@ -54,6 +65,7 @@ from vqadapt.loop import (
 )
 from vqadapt.run_dir import RunDirectory, now
 from vqadapt.runtime import Runtime, training_runtime
+from vqadapt.weights import load_answer_weights, weight_for
 
 __all__ = ["epoch_batches", "evaluate_split", "make_optimizer", "process_share", "train"]
 
@@ -114,8 +126,6 @@ def claim(run: RunDirectory, config: RunConfig, runtime: Runtime) -> bool:
     """The main process claims the directory; every process learns whether it resumes."""
     resuming = run.claim(config) if runtime.is_main else False
     if runtime.world > 1:
-        from accelerate.utils import broadcast_object_list
-
         resuming = broadcast_object_list([resuming])[0]
     return resuming
 
@@ -141,11 +151,6 @@ def assemble(config: RunConfig, run: RunDirectory, runtime: Runtime, log) -> Set
     built on that device. The main process goes first: it builds what is shared on disk
     (embedded data and backbones, the data check's memo, feature caches) and the others then
     find it ready."""
-    from vqadapt import embedded
-    from vqadapt.build import validate_data
-    from vqadapt.data.pipeline import load_splits
-    from vqadapt.weights import load_answer_weights, weight_for
-
     with runtime.main_first():
         embedded_data = (
             embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
@@ -197,9 +202,6 @@ class Fit:
 
 def prepare_fit(config: RunConfig, setup: Setup, runtime: Runtime) -> Fit:
     """AdamW (vision LoRA at its own rate), the schedule, and accelerate's wrapping."""
-    from accelerate.utils import DistributedType
-    from transformers import get_scheduler
-
     t = config.train
     accelerator = runtime.accelerator
     if runtime.rank:  # different dropout masks per process (rank 0 keeps the one-process stream)
