@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
-from vqadapt.errors import VQAConfigError, VQADataError, VQATrainingError
+from vqadapt.errors import VQAConfigError, VQAError
 
 TRAIN_LIKE = ("train", "plan")
+
+# The range of every numeric flag of every command but train / plan (whose settings check
+# themselves, config.py): a value outside it (0, negative, NaN, huge) is refused before
+# anything loads, naming the flag. A new numeric flag needs a row (a test checks).
+NUMERIC_FLAGS: dict[str, dict[str, tuple[float, float]]] = {
+    "eval": {"num_beams": (1, 64), "max_eval_samples": (1, 10**9)},
+    "predict": {"num_beams": (1, 64)},
+    "export": {"check_questions": (1, 100_000), "tolerance": (0.0, 1.0)},
+    "data synth": {"n": (2, 10_000_000), "seed": (0, 2**32 - 1)},
+    "backbones tiny": {
+        "text_steps": (0, 1_000_000),
+        "vision_steps": (0, 1_000_000),
+        "text_encoder_layers": (1, 48),
+    },
+    "answer-weights": {"beta": (0.0, 0.999999999), "clip": (0.0, 1e6)},
+    "ablate": {"seeds": (1, 1000), "jobs": (1, 256)},
+    "demo": {
+        "port": (1, 65535),
+        "examples": (0, 64),
+        "num_beams": (1, 8),
+        "max_file_mb": (0.001, 1024.0),
+        "max_pixels": (1, 10**9),
+        "max_question_chars": (1, 100_000),
+    },
+}
 
 
 def _cmd_train(argv: list[str]) -> int:
@@ -54,7 +83,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vqadapt.inference import evaluate_run
 
     scores = evaluate_run(
-        args.run, args.split, args.num_beams, device=args.device, precision=args.mixed_precision
+        args.run,
+        args.split,
+        args.num_beams,
+        device=args.device,
+        precision=args.mixed_precision,
+        max_eval_samples=args.max_eval_samples,
+        trust_remote_code=args.trust_remote_code,
     )
     print(
         f"{args.split}: EM {100 * scores['em']:.2f}  F1 {100 * scores['f1']:.2f}  "
@@ -71,7 +106,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vqadapt.inference import answer_question, load_run
     from vqadapt.text import nfc
 
-    run = load_run(args.run, device=args.device, precision=args.mixed_precision)
+    run = load_run(
+        args.run,
+        device=args.device,
+        precision=args.mixed_precision,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(answer_question(run, nfc(args.question), args.image, args.num_beams))
     return 0
 
@@ -90,6 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             log=lambda m: print(m, file=sys.stderr),
             device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
     except ExportCheckError as err:
         print(json.dumps(err.report, ensure_ascii=False, indent=1))
@@ -103,6 +144,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from vqadapt.data.synth import generate
 
+        _check_output("--out", args.out)
         summary = generate(args.out, n=args.n, seed=args.seed)
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return 0
@@ -140,6 +182,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     if args.out is None:
         paths = embedded.ensure_tiny_backbones()
     else:
+        _check_output("--out", args.out)
         texts, sources = embedded.tiny_backbone_texts()
         steps = {
             key: value
@@ -160,8 +203,11 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_answer_weights(args: argparse.Namespace) -> int:
     from vqadapt.data.formats import load_records
+    from vqadapt.run_dir import refuse_overlap
     from vqadapt.weights import compute_answer_weights, save_answer_weights
 
+    _check_output("--out", args.out, folder=False)
+    refuse_overlap("--out", Path(args.out), {f"--data {p}": p for p in args.data})
     answers = [
         a for path in args.data for r in load_records(path, args.format) for a in r.answers[:1]
     ]
@@ -180,6 +226,8 @@ def _cmd_answer_weights(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from vqadapt.ablation.runner import run_study
 
+    if args.out is not None:
+        _check_output("--out", args.out)
     run_study(args)
     return 0
 
@@ -189,8 +237,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vqadapt.demo.page import serve
 
     limits = UploadLimits(args.max_file_mb, args.max_pixels, args.max_question_chars)
-    serve(args.run, args.host, args.port, args.examples, args.num_beams, limits, device=args.device)
+    serve(
+        args.run,
+        args.host,
+        args.port,
+        args.examples,
+        args.num_beams,
+        limits,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
     return 0
+
+
+def _check_output(flag: str, out: str, folder: bool = True) -> None:
+    """Refuse an output path that lies inside a vqadapt run (runs are replaced whole) or is
+    the wrong kind of thing (a file where a folder goes, or the reverse)."""
+    from vqadapt.run_dir import enclosing_run, is_run
+
+    path = Path(out)
+    if folder and path.exists() and not path.is_dir():
+        raise VQAConfigError(f"{flag} {out} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise VQAConfigError(f"{flag} {out} is a folder, not a file")
+    outer = enclosing_run(path) or (path if folder and is_run(path) else None)
+    if outer is not None:
+        raise VQAConfigError(
+            f"{flag} {out} lies inside the run {outer}: choose a path outside any run"
+        )
+
+
+def check_numbers(command: str, args: argparse.Namespace) -> None:
+    """Refuse numeric flags outside their range (``NUMERIC_FLAGS``), all at once."""
+    problems = []
+    for dest, (low, high) in NUMERIC_FLAGS.get(command, {}).items():
+        value = getattr(args, dest, None)
+        for number in value if isinstance(value, list | tuple) else [value]:
+            if number is None:
+                continue
+            if not (math.isfinite(number) and low <= number <= high):
+                problems.append(f"--{dest} must be between {low:g} and {high:g} (got {number})")
+    if problems:
+        raise VQAConfigError("invalid flags:\n  - " + "\n  - ".join(problems))
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """``eval``, ``data synth``, ``backbones tiny``...: the key of ``NUMERIC_FLAGS``."""
+    for sub in ("data_command", "backbones_command"):
+        if getattr(args, sub, None):
+            return f"{args.command} {getattr(args, sub)}"
+    return args.command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--split", default="test", choices=("val", "test", "train"))
     ev.add_argument("--num_beams", type=int, default=None)
+    ev.add_argument("--max_eval_samples", type=int, default=None)
     _device_flags(ev, precision=True)
 
     pr = sub.add_parser("predict", help="answer one question about one image")
@@ -333,6 +430,8 @@ def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
         help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; a run "
         "trained on any device loads on any other",
     )
+    # every command that loads a run: a run folder's own setting is never honoured
+    parser.add_argument("--trust_remote_code", action="store_true")
     if precision:
         parser.add_argument(
             "--mixed_precision",
@@ -344,6 +443,11 @@ def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command; every error meant for the user becomes ``error: ...`` on stderr and
+    an exit code, never a traceback (``VQADAPT_DEBUG=1`` shows it)."""
+    from vqadapt.lifeline import die_with_parent_from_env
+
+    die_with_parent_from_env()  # a cell of ``vqadapt ablate`` ends with its runner
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "train":
@@ -352,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
             code = _cmd_plan(argv[1:])
         else:
             args = build_parser().parse_args(argv)
+            check_numbers(command_name(args), args)
             handlers = {
                 "eval": _cmd_eval,
                 "predict": _cmd_predict,
@@ -363,10 +468,37 @@ def main(argv: list[str] | None = None) -> None:
                 "demo": _cmd_demo,
             }
             code = handlers[args.command](args)
-    except (VQAConfigError, VQADataError) as err:
+    except VQAError as err:
         print(f"error: {err}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:
+        message = environment_error(err)
+        if message is None or os.environ.get("VQADAPT_DEBUG"):
+            raise  # a bug: the traceback is what a report needs
+        print(f"error: {message}", file=sys.stderr)
         code = 2
-    except VQATrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 3
     sys.exit(code)
+
+
+def environment_error(err: BaseException) -> str | None:
+    """A message for what the machine refused (disk, permissions, GPU memory), or None for
+    an error that is a bug."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return (
+            f"out of memory on the GPU ({str(err).splitlines()[0][:200]}): free the GPU, use "
+            "a smaller batch, or pass --device cpu"
+        )
+    if not isinstance(err, OSError):
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: free some space and run the command again"
+    if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+        return f"{err.strerror or 'permission denied'}{where}: this command cannot write there"
+    if err.filename:
+        return f"{err.strerror or err}{where}"
+    return None
