@@ -400,7 +400,7 @@ def foreign_message(path: Path, what: str) -> str:
         )
     shown = f" ({', '.join(names)}{', ...' if len(names) == 4 else ''})" if names else ""
     return (
-        f"{what} {path} is not a vqadapt run but holds files{shown} (no {MARKER}): vqadapt "
+        f"{what} {path} is not a vqadapt run: it holds files{shown} but no {MARKER}. vqadapt "
         f"neither writes into nor replaces such a folder; choose a new or empty folder. "
         f"Nothing was changed.{legacy}"
     )
