@@ -7,7 +7,9 @@ asks for a tower's layout (its family's layer list and attention projection name
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +104,55 @@ def _offline_hint(name: str, what: str, err: Exception) -> VQAConfigError:
     )
 
 
+@contextlib.contextmanager
+def loading(name_or_path: str, what: str) -> Iterator[None]:
+    """One message for whatever loading a tower, tokenizer or image processor raises: code
+    that needs ``--trust_remote_code``, a damaged local folder, a hub id out of reach."""
+    try:
+        yield
+    except VQAConfigError:
+        raise
+    except Exception as err:
+        text = str(err)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise VQAConfigError(
+                f"the {what} {name_or_path} comes with code of its own (an auto_map or a custom "
+                "model type): vqadapt runs such code only when --trust_remote_code is given on "
+                "the command line, never because a stored setting (a run's config.yaml) says "
+                "so. Nothing of it was run."
+            ) from None
+        if Path(name_or_path).exists():
+            first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+            raise VQAConfigError(
+                f"could not load the {what} from {name_or_path}: its files are damaged or "
+                f"not a model folder ({type(err).__name__}: {first})"
+            ) from None
+        if isinstance(err, OSError):
+            raise _offline_hint(name_or_path, what, err) from None
+        raise VQAConfigError(f"could not load the {what} {name_or_path!r}: {err}") from None
+
+
+def load_config(name_or_path: str, what: str, trust_remote_code: bool = False):
+    """A tower's ``config.json`` (no weights), with ``loading``'s messages."""
+    from transformers import AutoConfig
+
+    check_source(name_or_path, what)
+    with loading(name_or_path, what):
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
 def load_vision(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """The vision encoder alone (a CLIP/SigLIP checkpoint gives its vision tower)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    check_source(name_or_path, "vision model")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_path, "vision model", trust_remote_code)
+    with loading(name_or_path, "vision model"):
         if config.model_type in ("clip", "siglip"):
             from transformers import CLIPVisionModel, SiglipVisionModel
 
             klass = CLIPVisionModel if config.model_type == "clip" else SiglipVisionModel
             return klass.from_pretrained(name_or_path)
         return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _offline_hint(name_or_path, "vision model", err) from err
 
 
 def load_text(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
@@ -124,21 +160,17 @@ def load_text(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForSeq2SeqLM
 
     check_source(name_or_path, "text model")
-    try:
+    with loading(name_or_path, "text model"):
         return AutoModelForSeq2SeqLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
-        raise _offline_hint(name_or_path, "text model", err) from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
+    with loading(name_or_path, "tokenizer"):
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _offline_hint(name_or_path, "tokenizer", err) from err
 
 
 @dataclass(frozen=True)
@@ -172,11 +204,15 @@ def load_image_preprocessing(name_or_path: str) -> ImagePreprocessing:
     """Read size, crop and normalisation from ``preprocessor_config.json``."""
     from transformers.utils import cached_file
 
-    try:
+    with loading(name_or_path, "image processor"):
         config_file = cached_file(name_or_path, "preprocessor_config.json")
-    except OSError as err:
-        raise _offline_hint(name_or_path, "image processor", err) from err
-    values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError("preprocessor_config.json is not a JSON object")
+        return _preprocessing(values)
+
+
+def _preprocessing(values: dict) -> ImagePreprocessing:
     size = values.get("size", 224)
     if isinstance(size, dict):
         resize = size.get("shortest_edge") or size.get("height") or 224
@@ -185,9 +221,8 @@ def load_image_preprocessing(name_or_path: str) -> ImagePreprocessing:
     crop = values.get("crop_size", resize) if values.get("do_center_crop", True) else resize
     if isinstance(crop, dict):
         crop = crop.get("height", resize)
-    return ImagePreprocessing(
-        resize=int(resize),
-        crop=int(crop),
-        mean=tuple(values.get("image_mean", (0.485, 0.456, 0.406))),
-        std=tuple(values.get("image_std", (0.229, 0.224, 0.225))),
-    )
+    mean = tuple(float(v) for v in values.get("image_mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in values.get("image_std", (0.229, 0.224, 0.225)))
+    if int(resize) <= 0 or int(crop) <= 0 or len(mean) != 3 or len(std) != 3 or 0 in std:
+        raise ValueError(f"impossible preprocessing: size {resize}, crop {crop}, std {std}")
+    return ImagePreprocessing(resize=int(resize), crop=int(crop), mean=mean, std=std)

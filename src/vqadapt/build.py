@@ -127,7 +127,12 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
     )
     memo = cache_root() / "checks" / f"{key}.json"
     if memo.is_file():
-        return json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+        try:  # a damaged memo (truncated, zeroed, foreign) is only a reason to check again
+            skipped = json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+            if isinstance(skipped, list) and all(isinstance(ref, str) for ref in skipped):
+                return skipped
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            pass
     report = check_dataset(
         files["train"],
         files["test"],
@@ -146,18 +151,25 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
         log(report.format(max_per_kind=5))
     from vqadapt.io import atomic_write_json
 
-    atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    try:
+        atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    except OSError as err:  # only a memo: the check ran, the run goes on
+        if memo.is_dir():
+            log(f"could not remember the data check in {memo} ({err.strerror})")
+        else:
+            raise
     return report.skipped_images
 
 
 def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
     """Check layer counts and LoRA targets against the towers' config.json, before any weight
     loads: the towers are built on the meta device (shapes only, no memory, no weights)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
 
     from vqadapt.backbones import (
-        check_source,
         get_submodule,
+        load_config,
+        loading,
         resolve_targets,
         text_layout,
         vision_layout,
@@ -165,11 +177,10 @@ def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
     from vqadapt.errors import VQAConfigError
 
     adapt, remote = config.adapt, config.model.trust_remote_code
-    check_source(backbones.text, "text model")
+    text_config = load_config(backbones.text, "text model", remote)
     with torch.device("meta"):
-        text = AutoModelForSeq2SeqLM.from_config(
-            AutoConfig.from_pretrained(backbones.text, trust_remote_code=remote)
-        )
+        with loading(backbones.text, "text model"):
+            text = AutoModelForSeq2SeqLM.from_config(text_config, trust_remote_code=remote)
         layout = text_layout(text)
         if adapt.unfreeze_encoder_layers > layout.num_layers:
             raise VQAConfigError(
@@ -180,10 +191,10 @@ def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
             first = get_submodule(text, layout.layers_path)[0]
             resolve_targets(adapt.text_lora_targets, layout, first)
         if adapt.use_vision_lora and backbones.vision:
-            check_source(backbones.vision, "vision model")
-            vision_config = AutoConfig.from_pretrained(backbones.vision, trust_remote_code=remote)
+            vision_config = load_config(backbones.vision, "vision model", remote)
             vision_config = getattr(vision_config, "vision_config", vision_config)
-            vision = AutoModel.from_config(vision_config)
+            with loading(backbones.vision, "vision model"):
+                vision = AutoModel.from_config(vision_config, trust_remote_code=remote)
             layout = vision_layout(vision)
             resolve_targets(
                 adapt.vision_lora_targets, layout, get_submodule(vision, layout.layers_path)[0]

@@ -8,21 +8,25 @@ Layout of ``best/`` and ``last/``::
     training_state.pt            optimizer, scheduler, RNG and loop state (last/ only; tensors and
                                  plain containers only, loaded with weights_only=True)
 
-A checkpoint folder is written beside its final place and renamed into it, so a run directory
-never holds a half-written checkpoint.
+A checkpoint folder is written beside its final place and swapped into it (``folders.swap_in``),
+so a run directory never holds a half-written checkpoint. A damaged checkpoint file (truncated,
+zeroed, replaced) is reported as ``VQADataError`` naming the file, never loaded.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
+import contextlib
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqadapt.errors import VQATrainingError
+from vqadapt.errors import VQADataError, VQATrainingError
+from vqadapt.folders import recover_swap, staged, swap_in
 from vqadapt.model import VQAModel
 
 TRAINED_FILE = "trained.safetensors"
@@ -81,14 +85,15 @@ def load_adapter(tower: torch.nn.Module, folder: Path) -> None:
     from peft import set_peft_model_state_dict
 
     path = folder / ADAPTER_FILE
-    adapter = load_file(str(path))
+    with damaged_file(path):
+        adapter = load_file(str(path))
     adapter = {key.removeprefix("base_model.model."): value for key, value in adapter.items()}
     result = set_peft_model_state_dict(tower, adapter, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{path}: unexpected adapter weights {result.unexpected_keys[:5]}")
+        raise VQADataError(f"unexpected adapter weights {result.unexpected_keys[:5]}", file=path)
     missing = [key for key in getattr(result, "missing_keys", ()) if ".lora_" in key]
     if missing:
-        raise ValueError(f"{path}: adapter weights missing for {missing[:5]}")
+        raise VQADataError(f"adapter weights missing for {missing[:5]}", file=path)
 
 
 def _refuse_partitioned(state: dict[str, torch.Tensor]) -> None:
@@ -114,9 +119,7 @@ def save_checkpoint(
     folder = Path(folder)
     trained = trained_state(model, full_state)
     _refuse_partitioned(trained)
-    tmp = folder.with_name(f".{folder.name}.writing-{time.time_ns()}")
-    tmp.mkdir(parents=True)
-    try:
+    with staged(folder) as tmp:
         save_file(trained, str(tmp / TRAINED_FILE))
         for name, tower in towers_with_lora(model).items():
             tower_state = None
@@ -128,47 +131,58 @@ def save_checkpoint(
                     if key.startswith(prefix)
                 }
             save_adapter(tower, tmp / "adapters" / name, (base_models or {}).get(name), tower_state)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if training_state is not None:
-        torch.save(training_state, tmp / STATE_FILE)
-    # Swap in: the old folder is moved aside first, so some complete checkpoint always exists.
-    old = folder.with_name(f".{folder.name}.old-{time.time_ns()}")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+        swap_in(tmp, folder)  # the old one is moved aside first: some complete one always exists
     return folder
 
 
 def recover_checkpoint(folder: str | Path) -> Path:
-    """Repair what a kill during ``save_checkpoint`` can leave, and return ``folder``.
+    """Repair what a kill during ``save_checkpoint`` can leave (see ``folders.recover_swap``)."""
+    return recover_swap(folder)
 
-    A kill between its two renames leaves no ``folder`` but a complete ``.NAME.old-*`` beside
-    it: that one is put back. Half-written ``.NAME.writing-*`` folders are removed.
-    """
-    folder = Path(folder)
-    for partial in folder.parent.glob(f".{folder.name}.writing-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"))
-    if not folder.exists() and olds:
-        olds[-1].rename(folder)
-        olds = olds[:-1]
-    for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+
+@contextlib.contextmanager
+def damaged_file(path: Path) -> Iterator[None]:
+    """Turn the errors of reading a truncated, zeroed or foreign checkpoint file into one
+    message naming it (weights are never read from such a file)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise VQADataError("checkpoint file missing", file=path) from None
+    except pickle.UnpicklingError:
+        raise VQADataError(
+            "refused: it holds objects other than tensors and plain containers, and loading "
+            "them could run code (a damaged or foreign file; never loaded)",
+            file=path,
+        ) from None
+    except (SafetensorError, OSError, EOFError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VQADataError(
+            f"damaged checkpoint file, not loaded ({first[:300]})", file=path
+        ) from None
 
 
 def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
     """Load trained weights into a model built (and adapted) with the same settings, on
     whatever device the model is (the files hold CPU tensors)."""
     folder = Path(folder)
-    state = load_file(str(folder / TRAINED_FILE))
+    with damaged_file(folder / TRAINED_FILE):
+        state = load_file(str(folder / TRAINED_FILE))
     params = dict(model.named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
-        raise ValueError(f"{folder / TRAINED_FILE}: weights for unknown parameters {unknown[:5]}")
+        raise VQADataError(
+            f"weights for parameters this model does not have {unknown[:5]} (a checkpoint of "
+            "other settings?)",
+            file=folder / TRAINED_FILE,
+        )
+    wrong = [n for n, v in state.items() if v.shape != params[n].shape]
+    if wrong:
+        raise VQADataError(
+            f"weights of the wrong shape for {wrong[:5]} (a checkpoint of other settings?)",
+            file=folder / TRAINED_FILE,
+        )
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
@@ -179,4 +193,9 @@ def load_checkpoint(model: VQAModel, folder: str | Path) -> None:
 def load_training_state(folder: str | Path) -> dict[str, Any]:
     """Optimizer, scheduler, RNG and loop state, onto the CPU whatever device wrote them (the
     optimizer's ``load_state_dict`` then moves its state to the parameters' device)."""
-    return torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
+    path = Path(folder) / STATE_FILE
+    with damaged_file(path):
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "loop"} <= set(state):
+        raise VQADataError("damaged checkpoint file: not a training state", file=path)
+    return state

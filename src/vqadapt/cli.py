@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vqadapt.config import (
@@ -22,9 +26,33 @@ from vqadapt.config import (
     run_config_parser,
 )
 from vqadapt.demo.limits import UploadLimits
-from vqadapt.errors import VQAConfigError, VQADataError, VQATrainingError
-from vqadapt.fields import FRACTION, NON_NEGATIVE, POSITIVE, SEED_RANGE, Bounds
+from vqadapt.errors import VQAConfigError, VQAError
 from vqadapt.weights import SCHEMES
+
+# The range of every numeric flag of every command but train / plan (whose settings check
+# themselves, config.py): a value outside it (0, negative, NaN, huge) is refused before
+# anything loads, naming the flag. A new numeric flag needs a row (a test checks).
+NUMERIC_FLAGS: dict[str, dict[str, tuple[float, float]]] = {
+    "eval": {"num_beams": (1, 64), "max_eval_samples": (1, 10**9)},
+    "predict": {"num_beams": (1, 64)},
+    "export": {"check_questions": (1, 100_000), "tolerance": (0.0, 1.0)},
+    "data synth": {"n": (2, 10_000_000), "seed": (0, 2**32 - 1)},
+    "backbones tiny": {
+        "text_steps": (0, 1_000_000),
+        "vision_steps": (0, 1_000_000),
+        "text_encoder_layers": (1, 48),
+    },
+    "answer-weights": {"beta": (0.0, 0.999999999), "clip": (0.0, 1e6)},
+    "ablate": {"seeds": (1, 1000), "jobs": (1, 256)},
+    "demo": {
+        "port": (1, 65535),
+        "examples": (0, 64),
+        "num_beams": (1, 8),
+        "max_file_mb": (0.001, 1024.0),
+        "max_pixels": (1, 10**9),
+        "max_question_chars": (1, 100_000),
+    },
+}
 
 
 def _cmd_train(argv: list[str]) -> int:
@@ -72,7 +100,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vqadapt.inference import evaluate_run
 
     scores = evaluate_run(
-        args.run, args.split, args.num_beams, device=args.device, precision=args.mixed_precision
+        args.run,
+        args.split,
+        args.num_beams,
+        device=args.device,
+        precision=args.mixed_precision,
+        max_eval_samples=args.max_eval_samples,
+        trust_remote_code=args.trust_remote_code,
     )
     print(
         f"{args.split}: EM {100 * scores['em']:.2f}  F1 {100 * scores['f1']:.2f}  "
@@ -89,7 +123,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vqadapt.inference import answer_question, load_run
     from vqadapt.text import nfc
 
-    run = load_run(args.run, device=args.device, precision=args.mixed_precision)
+    run = load_run(
+        args.run,
+        device=args.device,
+        precision=args.mixed_precision,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(answer_question(run, nfc(args.question), args.image, args.num_beams))
     return 0
 
@@ -108,6 +147,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             log=lambda m: print(m, file=sys.stderr),
             device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
     except ExportCheckError as err:
         print(json.dumps(err.report, ensure_ascii=False, indent=1))
@@ -121,6 +161,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from vqadapt.data.synth import generate
 
+        _check_output("--out", args.out)
         summary = generate(args.out, n=args.n, seed=args.seed)
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return 0
@@ -158,6 +199,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     if args.out is None:
         paths = embedded.ensure_tiny_backbones()
     else:
+        _check_output("--out", args.out)
         texts, sources = embedded.tiny_backbone_texts()
         steps = {
             key: value
@@ -178,8 +220,11 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_answer_weights(args: argparse.Namespace) -> int:
     from vqadapt.data.formats import load_records
+    from vqadapt.run_dir import refuse_overlap
     from vqadapt.weights import compute_answer_weights, save_answer_weights
 
+    _check_output("--out", args.out, folder=False)
+    refuse_overlap("--out", Path(args.out), {f"--data {p}": p for p in args.data})
     answers = [
         a for path in args.data for r in load_records(path, args.format) for a in r.answers[:1]
     ]
@@ -198,6 +243,8 @@ def _cmd_answer_weights(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from vqadapt.ablation.runner import run_study
 
+    if args.out is not None:
+        _check_output("--out", args.out)
     run_study(args)
     return 0
 
@@ -206,12 +253,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vqadapt.demo.page import serve
 
     limits = UploadLimits(args.max_file_mb, args.max_pixels, args.max_question_chars)
-    serve(args.run, args.host, args.port, args.examples, args.num_beams, limits, device=args.device)
+    serve(
+        args.run,
+        args.host,
+        args.port,
+        args.examples,
+        args.num_beams,
+        limits,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
     return 0
 
 
-def _number(kind: type, bounds: Bounds) -> Callable[[str], Any]:
-    """An argparse ``type``: an int or float within ``bounds`` (never NaN or infinite)."""
+def _check_output(flag: str, out: str, folder: bool = True) -> None:
+    """Refuse an output path that lies inside a vqadapt run (runs are replaced whole) or is
+    the wrong kind of thing (a file where a folder goes, or the reverse)."""
+    from vqadapt.run_dir import enclosing_run, is_run
+
+    path = Path(out)
+    if folder and path.exists() and not path.is_dir():
+        raise VQAConfigError(f"{flag} {out} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise VQAConfigError(f"{flag} {out} is a folder, not a file")
+    outer = enclosing_run(path) or (path if folder and is_run(path) else None)
+    if outer is not None:
+        raise VQAConfigError(
+            f"{flag} {out} lies inside the run {outer}: choose a path outside any run"
+        )
+
+
+def _ranged(command: str, dest: str, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type``: an int or a float within the flag's ``NUMERIC_FLAGS`` range
+    (never NaN or infinite), so that a bad value stops the command as it is parsed."""
+    low, high = NUMERIC_FLAGS[command][dest]
 
     def parse(text: str) -> Any:
         try:
@@ -219,17 +294,13 @@ def _number(kind: type, bounds: Bounds) -> Callable[[str], Any]:
         except ValueError:
             expected = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        problem = bounds.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem} (got {text})")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} (got {text})")
         return value
 
     parse.__name__ = kind.__name__
+    parse.numeric = (command, dest, kind)  # found by the test that every number has a range
     return parse
-
-
-COUNT = _number(int, POSITIVE)
-SEED = _number(int, SEED_RANGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions_<split>.jsonl and eval_<split>.json into the run",
     )
     ev.add_argument(
-        "--num_beams", type=COUNT, default=None, help="beams (default: the run's --num_beams)"
+        "--num_beams",
+        type=_ranged("eval", "num_beams"),
+        default=None,
+        help="beams (default: the run's --num_beams)",
+    )
+    ev.add_argument(
+        "--max_eval_samples",
+        type=_ranged("eval", "max_eval_samples"),
+        default=None,
+        help="score only the first N questions of the split (default: the run's setting; "
+        "more than the split holds means all of it)",
     )
     _device_flags(ev, precision=True)
 
@@ -268,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--image", default=None, help="the image file (not needed by a --blind model's run)"
     )
-    pr.add_argument("--num_beams", type=COUNT, default=1, help="beams (default %(default)s)")
+    pr.add_argument(
+        "--num_beams",
+        type=_ranged("predict", "num_beams"),
+        default=1,
+        help="beams (default %(default)s)",
+    )
     _device_flags(pr, precision=True)
 
     ex = sub.add_parser(
@@ -287,13 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.add_argument(
         "--check_questions",
-        type=COUNT,
+        type=_ranged("export", "check_questions"),
         default=32,
         help="held-out questions checked (default %(default)s)",
     )
     ex.add_argument(
         "--tolerance",
-        type=_number(float, POSITIVE),
+        type=_ranged("export", "tolerance", float),
         default=None,
         help="largest logit difference allowed (default 1e-4, with --merge 1e-3)",
     )
@@ -304,9 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="generate the synthetic Vietnamese shapes VQA set")
     synth.add_argument("--out", required=True, help="folder to write (CSV files and images/)")
     synth.add_argument(
-        "--n", type=_number(int, Bounds(2)), default=10_000, help="questions (default %(default)s)"
+        "--n",
+        type=_ranged("data synth", "n"),
+        default=10_000,
+        help="questions (default %(default)s)",
     )
-    synth.add_argument("--seed", type=SEED, default=0, help="random seed (default %(default)s)")
+    synth.add_argument(
+        "--seed",
+        type=_ranged("data synth", "seed"),
+        default=0,
+        help="random seed (default %(default)s)",
+    )
     format_help = "annotation format; auto: by extension (default %(default)s)"
     stats = data_sub.add_parser("stats", help="counts per type, answers, lengths, images found")
     stats.add_argument("files", nargs="+", help="annotation files (ViVQA CSV, JSON or JSONL)")
@@ -343,12 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = bb_sub.add_parser("tiny", help="build (or show) the tiny DINOv2 + MBart")
     tiny.add_argument("--out", default=None, help="folder (default: the shared cache, built once)")
     tiny.add_argument(
-        "--text_steps", type=COUNT, default=None, help="denoising steps (default 320)"
+        "--text_steps",
+        type=_ranged("backbones tiny", "text_steps"),
+        default=None,
+        help="denoising steps (default 320; 0: random init)",
     )
-    tiny.add_argument("--vision_steps", type=COUNT, default=None, help="vision steps (default 250)")
+    tiny.add_argument(
+        "--vision_steps",
+        type=_ranged("backbones tiny", "vision_steps"),
+        default=None,
+        help="vision steps (default 250; 0: random init)",
+    )
     tiny.add_argument(
         "--text_encoder_layers",
-        type=COUNT,
+        type=_ranged("backbones tiny", "text_encoder_layers"),
         default=12,
         help="text-encoder depth (12 mirrors BARTpho; fewer learn faster from little data)",
     )
@@ -364,13 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     aw.add_argument(
         "--beta",
-        type=_number(float, FRACTION),
+        type=_ranged("answer-weights", "beta", float),
         default=0.999,
         help="beta of effective_number, in [0, 1) (default %(default)s)",
     )
     aw.add_argument(
         "--clip",
-        type=_number(float, NON_NEGATIVE),
+        type=_ranged("answer-weights", "clip", float),
         nargs=2,
         metavar=("MIN", "MAX"),
         default=None,
@@ -388,7 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
         "points elsewhere) or a YAML file (default %(default)s)",
     )
     ab.add_argument(
-        "--seeds", type=COUNT, default=None, help="number of seeds (default: the preset's)"
+        "--seeds",
+        type=_ranged("ablate", "seeds"),
+        default=None,
+        help="number of seeds (default: the preset's)",
     )
     ab.add_argument("--out", default=None, help="study folder (default: runs/ablation-<preset>)")
     ab.add_argument("--quick", action="store_true", help="the quick preset on the embedded default")
@@ -396,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--report_only", action="store_true", help="only rebuild the report")
     ab.add_argument(
         "--jobs",
-        type=int,  # the runner checks it (a library caller gets the same message)
+        type=_ranged("ablate", "jobs"),
         default=1,
         help="cells trained at once: each gets its own GPU (round-robin over the visible ones) "
         "or an equal share of the CPU cores",
@@ -416,24 +521,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument(
         "--port",
-        type=_number(int, Bounds(0, 65535, high_closed=True)),
+        type=_ranged("demo", "port"),
         default=7860,
         help="port (default %(default)s)",
     )
     dm.add_argument(
         "--examples",
-        type=_number(int, NON_NEGATIVE),
+        type=_ranged("demo", "examples"),
         default=8,
         help="preloaded synthetic examples",
     )
-    dm.add_argument("--num_beams", type=COUNT, default=3, help="beams shown at first (1-8)")
+    dm.add_argument(
+        "--num_beams",
+        type=_ranged("demo", "num_beams"),
+        default=3,
+        help="beams shown at first (1-8)",
+    )
     limit = "refused above this (default %(default)s)"
     dm.add_argument(
-        "--max_file_mb", type=_number(float, POSITIVE), default=UploadLimits.max_file_mb, help=limit
+        "--max_file_mb",
+        type=_ranged("demo", "max_file_mb", float),
+        default=UploadLimits.max_file_mb,
+        help=limit,
     )
-    dm.add_argument("--max_pixels", type=COUNT, default=UploadLimits.max_pixels, help=limit)
     dm.add_argument(
-        "--max_question_chars", type=COUNT, default=UploadLimits.max_question_chars, help=limit
+        "--max_pixels",
+        type=_ranged("demo", "max_pixels"),
+        default=UploadLimits.max_pixels,
+        help=limit,
+    )
+    dm.add_argument(
+        "--max_question_chars",
+        type=_ranged("demo", "max_question_chars"),
+        default=UploadLimits.max_question_chars,
+        help=limit,
     )
     _device_flags(dm, precision=False)
     return parser
@@ -446,6 +567,13 @@ def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
         help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; a run "
         "trained on any device loads on any other",
     )
+    # every command that loads a run: a run folder's own setting is never honoured
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow the run's models to import Python from their folders (never taken from a "
+        "run's stored settings)",
+    )
     if precision:
         parser.add_argument(
             "--mixed_precision",
@@ -457,6 +585,11 @@ def _device_flags(parser: argparse.ArgumentParser, precision: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command; every error meant for the user becomes ``error: ...`` on stderr and
+    an exit code, never a traceback (``VQADAPT_DEBUG=1`` shows it)."""
+    from vqadapt.lifeline import die_with_parent_from_env
+
+    die_with_parent_from_env()  # a cell of ``vqadapt ablate`` ends with its runner
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "train":
@@ -464,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         elif argv and argv[0] == "plan":
             code = _cmd_plan(argv[1:])
         else:
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(argv)  # numbers are range-checked as parsed
             handlers = {
                 "eval": _cmd_eval,
                 "predict": _cmd_predict,
@@ -476,10 +609,37 @@ def main(argv: list[str] | None = None) -> None:
                 "demo": _cmd_demo,
             }
             code = handlers[args.command](args)
-    except (VQAConfigError, VQADataError) as err:
+    except VQAError as err:
         print(f"error: {err}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:
+        message = environment_error(err)
+        if message is None or os.environ.get("VQADAPT_DEBUG"):
+            raise  # a bug: the traceback is what a report needs
+        print(f"error: {message}", file=sys.stderr)
         code = 2
-    except VQATrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 3
     sys.exit(code)
+
+
+def environment_error(err: BaseException) -> str | None:
+    """A message for what the machine refused (disk, permissions, GPU memory), or None for
+    an error that is a bug."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return (
+            f"out of memory on the GPU ({str(err).splitlines()[0][:200]}): free the GPU, use "
+            "a smaller batch, or pass --device cpu"
+        )
+    if not isinstance(err, OSError):
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: free some space and run the command again"
+    if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+        return f"{err.strerror or 'permission denied'}{where}: this command cannot write there"
+    if err.filename:
+        return f"{err.strerror or err}{where}"
+    return None

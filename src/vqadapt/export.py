@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from vqadapt.backbones import (
     load_text,
     load_tokenizer,
     load_vision,
+    loading,
 )
 from vqadapt.checkpoint import load_adapter, save_adapter, towers_with_lora
 from vqadapt.config import DataConfig
@@ -60,8 +60,9 @@ from vqadapt.data.pipeline import (
     load_splits,
 )
 from vqadapt.data.records import VQARecord
-from vqadapt.errors import VQAConfigError, VQADataError
+from vqadapt.errors import VQAConfigError, VQADataError, VQAError
 from vqadapt.evaluate import AnswerTrie, predict
+from vqadapt.folders import FolderLock, recover_swap, staged, swap_in
 from vqadapt.inference import LoadedRun, load_run, merge_lora
 from vqadapt.io import atomic_write_json
 from vqadapt.model import VQAModel
@@ -91,8 +92,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(VQAError, RuntimeError):
     """The exported model does not reproduce the run; ``report`` says how."""
+
+    exit_code = 1
 
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
@@ -110,13 +113,17 @@ def records_collator(
     preprocessing: ImagePreprocessing | None,
     data: DataConfig,
     records: Sequence[VQARecord],
-    image_root: str | Path | None,
+    image_root: str | Path | Any | None,
 ) -> Collator:
-    """Records -> padded batches, tokenised, truncated and preprocessed as in training."""
+    """Records -> padded batches, tokenised, truncated and preprocessed as in training.
+    ``image_root``: a folder the records' images are found in, or an index (one image)."""
     blind = model.vision is None
     if not blind and image_root is None:
         raise VQAConfigError("this model needs an image")
-    images = ImageStore(None if blind else ImageIndex(image_root), preprocessing)
+    index = None
+    if not blind:
+        index = ImageIndex(image_root) if isinstance(image_root, str | Path) else image_root
+    images = ImageStore(index, preprocessing)
     encoded = encode_split(records, tokenizer, data, images.slot)
     return Collator(
         "export",
@@ -196,8 +203,11 @@ class ExportedModel:
             return self._answer_file(nfc(question), path, num_beams)
 
     def _answer_file(self, question: str, path: Path | None, num_beams: int | None) -> str:
+        from vqadapt.inference import OneImage
+
         record = VQARecord("0", question, ("",), path.name if path else None)
-        return self.predict([record], path.parent if path else None, num_beams)[0]
+        index = OneImage(path) if path is not None and self.model.vision is not None else None
+        return self.predict([record], index, num_beams)[0]
 
 
 def load_exported(
@@ -211,30 +221,36 @@ def load_exported(
     settings_file = folder / SETTINGS_FILE
     if not settings_file.is_file():
         raise VQAConfigError(f"{folder} is not a vqadapt export (no {SETTINGS_FILE})")
-    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VQADataError(f"damaged or unreadable ({err})", file=settings_file) from None
+    if not isinstance(settings, dict):
+        raise VQADataError("damaged: expected a JSON object", file=settings_file)
     if settings.get("format") != EXPORT_FORMAT:
         raise VQAConfigError(
             f"{settings_file}: export format {settings.get('format')!r} is not {EXPORT_FORMAT} "
             f"(written by vqadapt {settings.get('vqadapt_version')})"
         )
-    blind = settings["blind"]
-    text = load_text(str(folder / "text"))
-    tokenizer = load_tokenizer(str(folder / "text"))
-    vision = None if blind else load_vision(str(folder / "vision"))
-    preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
-    model = VQAModel(vision, text, dropout=settings["dropout"])
-    if model.projector is not None:
-        model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-    for tower_name in settings["adapters"]:
-        _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
+    with loading(str(folder), "export"):  # a damaged file names the folder, never a traceback
+        blind = settings["blind"]
+        text = load_text(str(folder / "text"))
+        tokenizer = load_tokenizer(str(folder / "text"))
+        vision = None if blind else load_vision(str(folder / "vision"))
+        preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
+        model = VQAModel(vision, text, dropout=settings["dropout"])
+        if model.projector is not None:
+            model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        for tower_name in settings["adapters"]:
+            _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
+        trie = None
+        if settings["decoding"]["constrain_to_train_answers"]:
+            values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
+            trie = AnswerTrie(values["sequences"], values["eos_token_id"])
     model.requires_grad_(False)
     runtime = inference_runtime(device, precision)
     speed.install(model, SpeedPaths.for_device(runtime.device))
     model.to(runtime.device).eval()
-    trie = None
-    if settings["decoding"]["constrain_to_train_answers"]:
-        values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
-        trie = AnswerTrie(values["sequences"], values["eos_token_id"])
     return ExportedModel(model, tokenizer, preprocessing, settings, folder, runtime, trie)
 
 
@@ -344,8 +360,13 @@ def write_export(
 
 # -- the check ------------------------------------------------------------------------------
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The run's summary, or nothing when it is missing or damaged (provenance only)."""
+    from vqadapt.run_dir import read_json
+
+    try:
+        return read_json(run_dir / "summary.json")
+    except VQADataError:
+        return {}
 
 
 def run_splits(run: LoadedRun) -> Splits:
@@ -469,26 +490,47 @@ def _trie(run: LoadedRun, sequences: list[list[int]] | None) -> AnswerTrie | Non
 
 
 # -- the command ----------------------------------------------------------------------------
-def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds files (unless ``overwrite``) or that holds the run itself."""
-    target, run = out.resolve(), run_dir.resolve()
-    if target == run or target in run.parents:
+def check_destination(
+    run_dir: Path, out: Path, overwrite: bool, run: LoadedRun | None = None
+) -> None:
+    """Refuse an --out that holds files (unless ``overwrite`` and it is an export), lies
+    inside a run or holds one, or overlaps an input of the run (its backbones, its data)."""
+    from vqadapt.run_dir import enclosing_run, is_run, refuse_overlap
+
+    target, run_path = out.resolve(), run_dir.resolve()
+    if target == run_path or target in run_path.parents:
         raise VQAConfigError(f"--out {out} would replace the run directory {run_dir}")
     if out.exists() and not out.is_dir():
         raise VQAConfigError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    outer = enclosing_run(out)
+    if outer is not None or is_run(out):
         raise VQAConfigError(
-            f"{out} is not empty: pass --overwrite to replace it, or choose another --out"
+            f"--out {out} lies inside the run {outer or out}: choose a folder outside any run"
         )
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Swap the finished folder in: the old one is moved aside first, then removed."""
-    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if run is not None:
+        d = run.config.data
+        refuse_overlap(
+            "--out",
+            out,
+            {
+                "text model": run.backbones.text,
+                "vision model": run.backbones.vision,
+                "train_file": d.train_file,
+                "test_file": d.test_file,
+                "val_file": d.val_file,
+                "image_root": d.image_root,
+            },
+        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise VQAConfigError(
+                f"{out} is not empty: pass --overwrite to replace it, or choose another --out"
+            )
+        if not (out / SETTINGS_FILE).is_file():
+            raise VQAConfigError(
+                f"--overwrite replaces only an earlier export, and {out} is none (no "
+                f"{SETTINGS_FILE}): nothing was changed; choose another --out"
+            )
 
 
 def export_run(
@@ -502,6 +544,7 @@ def export_run(
     tolerance: float | None = None,
     log: Log = print,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export a run's checkpoint into ``out`` and check it against the run; returns the check.
 
@@ -513,37 +556,41 @@ def export_run(
     check_destination(run_dir, out, overwrite)
     if tolerance is None:
         tolerance = default_tolerance(merge)
-    log(f"loading {run_dir} ({checkpoint} checkpoint)")
-    reference = load_run(run_dir, checkpoint, merge=False, device=device, precision="no")
-    splits = run_splits(reference)
-    split, records = held_out(splits, questions)
-    sequences = train_answer_sequences(reference, splits)
-    model = reference.model
-    if merge:
-        model = copy.deepcopy(model)  # the reference keeps the adapters as trained
-        log(f"merged {merge_lora(model)} LoRA layers into their weights")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{time.time_ns()}")
-    try:
-        write_export(
-            model, reference, tmp, merged=merge, checkpoint=checkpoint, answer_sequences=sequences
-        )
-        del model
-        log(f"checking the export against the run on {len(records)} {split} questions")
-        exported = load_exported(tmp, device, precision="no")
-        report = compare(
-            exported, reference, records, splits.image_root, tolerance, _trie(reference, sequences)
-        )
-        report = {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
-        if report["status"] != "passed":
-            raise ExportCheckError(
-                f"export check failed: {'; '.join(report['problems'])}. "
-                f"Nothing was written to {out}.",
-                report,
-            )
-        atomic_write_json(tmp / CHECK_FILE, report)
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FolderLock(out, "export"):
+        recover_swap(out)  # what a killed export left beside --out
+        log(f"loading {run_dir} ({checkpoint} checkpoint)")
+        reference = load_run(
+            run_dir, checkpoint, merge=False, device=device, precision="no",
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        check_destination(run_dir, out, overwrite, reference)
+        splits = run_splits(reference)
+        split, records = held_out(splits, questions)
+        sequences = train_answer_sequences(reference, splits)
+        model = reference.model
+        if merge:
+            model = copy.deepcopy(model)  # the reference keeps the adapters as trained
+            log(f"merged {merge_lora(model)} LoRA layers into their weights")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staged(out) as tmp:
+            tmp.rmdir()  # write_export makes the folder itself
+            write_export(
+                model, reference, tmp, merged=merge, checkpoint=checkpoint,
+                answer_sequences=sequences,
+            )  # fmt: skip
+            del model
+            log(f"checking the export against the run on {len(records)} {split} questions")
+            exported = load_exported(tmp, device, precision="no")
+            trie = _trie(reference, sequences)
+            report = compare(exported, reference, records, splits.image_root, tolerance, trie)
+            report = {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
+            if report["status"] != "passed":
+                raise ExportCheckError(
+                    f"export check failed: {'; '.join(report['problems'])}. "
+                    f"Nothing was written to {out}.",
+                    report,
+                )
+            atomic_write_json(tmp / CHECK_FILE, report)
+            swap_in(tmp, out)
     log(f"exported {run_dir} to {out}")
     return report

@@ -41,6 +41,7 @@ from vqadapt.checkpoint import (
 )
 from vqadapt.config import RunConfig
 from vqadapt.data.pipeline import load_splits
+from vqadapt.errors import VQADataError, VQATrainingError
 from vqadapt.evaluate import (
     AnswerTrie,
     answer_counts,
@@ -63,7 +64,7 @@ from vqadapt.loop import (
     rng_state,
     set_rng_state,
 )
-from vqadapt.run_dir import RunDirectory, now
+from vqadapt.run_dir import RunDirectory, disk_full, now
 from vqadapt.runtime import Runtime, training_runtime
 from vqadapt.weights import load_answer_weights, weight_for
 
@@ -73,7 +74,10 @@ __all__ = ["epoch_batches", "evaluate_split", "make_optimizer", "process_share",
 def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train (or resume) one run and return its summary; a failure is recorded in status.json.
 
-    ``stop_after_epoch`` ends the loop early as an interruption would (for tests).
+    The run directory is locked for the whole call and made the run's only once the settings,
+    data and backbones passed their checks (``RunDirectory.begin``): a run that fails them
+    leaves the folder as it was. ``stop_after_epoch`` ends the loop early as an interruption
+    would (for tests).
     """
     config.validate()
     started = time.perf_counter()
@@ -81,21 +85,48 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
     runtime = training_runtime(t.device, t.mixed_precision, t.compile, t.ddp_timeout)
     log = log if runtime.is_main else _silent  # one process speaks
     run = RunDirectory(t.output_dir, writer=runtime.is_main)
-    resuming = claim(run, config, runtime)
-    if resuming and run.finished:
-        log(f"{run.path} is already finished: nothing to do (use --overwrite to train again)")
-        runtime.accelerator.end_training()
-        return run.summary()
-    run.start(config)
-    runtime.wait()
     try:
-        setup = assemble(config, run, runtime, log)
+        resuming = claim(run, config, runtime)
+        if resuming and run.finished:
+            log(f"{run.path} is already finished: nothing to do (use --overwrite to train again)")
+            runtime.accelerator.end_training()
+            return run.summary()
+        with library_progress_bars(t.progress and runtime.is_main):
+            setup = assemble(config, runtime, log)
+        run.begin(config, format_plan(setup.plan) + "\n")
+        runtime.wait()
+        summary = fit_and_finish(config, run, setup, runtime, resuming, started, log,
+                                 stop_after_epoch)  # fmt: skip
+    finally:
+        run.release()
+    runtime.accelerator.end_training()  # ends the process group, if any (clean gloo / NCCL exit)
+    return summary
+
+
+def fit_and_finish(
+    config: RunConfig,
+    run: RunDirectory,
+    setup: Setup,
+    runtime: Runtime,
+    resuming: bool,
+    started: float,
+    log,
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
+    """The epochs, then the test split and the summary; a failure is recorded in status.json
+    with what was kept (out of memory and a full disk get their own advice)."""
+    t = config.train
+    where = {"phase": "setting up training", "checkpoint_epoch": 0}
+    try:
         fit = prepare_fit(config, setup, runtime)
         state = restore(run, fit, runtime, resuming, log)
+        where["checkpoint_epoch"] = state.epoch
         stopper = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, state)
         with _tensorboard(run) as board:
             for epoch in range(state.epoch + 1, t.epochs + 1):
+                where["phase"] = f"training epoch {epoch}"
                 record = train_epoch(fit, setup, state, epoch, config, runtime, run, board, log)
+                where["phase"] = f"validating epoch {epoch}"
                 val = evaluate_split(
                     fit.raw_model, setup.data, "val", setup.tokenizer, config,
                     setup.train_counts, setup.trie, runtime,
@@ -103,7 +134,9 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
                 improved = stopper.update(epoch, val)
                 record = epoch_record(epoch, record, val, fit)
                 log(_epoch_line(record, improved))
+                where["phase"] = f"saving epoch {epoch}"
                 save_epoch(run, fit, setup, state, record, val, improved, runtime, board)
+                where["checkpoint_epoch"] = epoch
                 if stopper.should_stop:
                     log(
                         f"early stopping: no improvement of {t.early_stopping_metric} for "
@@ -113,21 +146,81 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
                     log(f"stopping after epoch {epoch} (interruption requested)")
                     return {"interrupted_after": epoch}
-        summary = finish(run, fit, setup, state, config, runtime, started, log)
+        where["phase"] = "evaluating the best checkpoint"
+        return finish(run, fit, setup, state, config, runtime, started, log)
     except Exception as err:
-        run.failed(err)
-        raise
-    runtime.accelerator.end_training()  # ends the process group, if any (clean gloo / NCCL exit)
-    return summary
+        kept = run.kept(where["checkpoint_epoch"])
+        explained = explain_failure(err, config, runtime, where["phase"], kept)
+        recorded = run.failed(explained, kept)
+        if explained is err:
+            raise
+        if run.writer and not recorded:
+            explained = VQATrainingError(
+                f"{explained} ({run.file('status.json')} could not be updated either)"
+            )
+        raise explained from err
+
+
+def explain_failure(
+    err: BaseException, config: RunConfig, runtime: Runtime, phase: str, kept: str
+) -> BaseException:
+    """Out of memory and a full disk as ``VQATrainingError`` saying what to change and what
+    was kept; any other error as it is."""
+    t = config.train
+    if isinstance(err, torch.OutOfMemoryError):
+        if phase.startswith(("validating", "evaluating")):
+            advice = f"try a smaller --eval_batch_size (now {t.eval_batch_size})"
+        elif t.batch_size > 1:
+            factor = next(p for p in range(2, t.batch_size + 1) if t.batch_size % p == 0)
+            smaller, more = t.batch_size // factor, t.gradient_accumulation_steps * factor
+            advice = (
+                f"try --batch_size {smaller} --gradient_accumulation_steps {more} (the same "
+                f"effective batch of {t.batch_size * t.gradient_accumulation_steps}; --resume "
+                "accepts that change)"
+            )
+        else:
+            advice = (
+                "the batch size is already 1: train fewer layers (LoRA), use --mixed_precision "
+                "bf16, or a device with more memory"
+            )
+        return VQATrainingError(
+            f"out of memory on {runtime.device} while {phase} (--batch_size {t.batch_size}, "
+            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}): {advice}. {kept}"
+        )
+    if disk_full(err):
+        return VQATrainingError(
+            f"the disk is full (writing {getattr(err, 'filename', None) or 'a run file'} while "
+            f"{phase}): no half-written file was left; free some space, then continue with "
+            f"--resume. {kept}"
+        )
+    return err
 
 
 # -- claim ----------------------------------------------------------------------------------
 def claim(run: RunDirectory, config: RunConfig, runtime: Runtime) -> bool:
-    """The main process claims the directory; every process learns whether it resumes."""
+    """The main process locks and claims the directory (nothing is written yet); every
+    process learns whether it resumes."""
     resuming = run.claim(config) if runtime.is_main else False
     if runtime.world > 1:
         resuming = broadcast_object_list([resuming])[0]
     return resuming
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """transformers' and the hub's progress bars ("Loading weights") on or off for a block
+    (``--no_progress`` turns every bar off, not only vqadapt's)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled == before:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 # -- assemble -------------------------------------------------------------------------------
@@ -146,11 +239,11 @@ class Setup:
     trie: AnswerTrie | None
 
 
-def assemble(config: RunConfig, run: RunDirectory, runtime: Runtime, log) -> Setup:
+def assemble(config: RunConfig, runtime: Runtime, log) -> Setup:
     """Data check, backbones, the adapted model moved to its device, then data and caches
-    built on that device. The main process goes first: it builds what is shared on disk
-    (embedded data and backbones, the data check's memo, feature caches) and the others then
-    find it ready."""
+    built on that device: everything that can refuse the run, before its folder is touched.
+    The main process goes first: it builds what is shared on disk (embedded data and
+    backbones, the data check's memo, feature caches) and the others then find it ready."""
     with runtime.main_first():
         embedded_data = (
             embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
@@ -161,8 +254,8 @@ def assemble(config: RunConfig, run: RunDirectory, runtime: Runtime, log) -> Set
         log(format_plan(plan, per_layer=False))
         log(f"device {runtime.device}, precision {runtime.precision}, speed paths: "
             f"{model.speed_paths.describe()}")  # fmt: skip
-        run.write_text("plan.txt", format_plan(plan) + "\n")
         splits = load_splits(config.data, backbones.embedded_data, skip_images)
+        check_splits(splits, config)
         answer_weight, weights_report = None, None
         if config.train.answer_weights:
             table, weights_report = load_answer_weights(
@@ -186,6 +279,24 @@ def assemble(config: RunConfig, run: RunDirectory, runtime: Runtime, log) -> Set
         backbones, model, plan, tokenizer, data, skip_images, weights_report,
         answer_counts(splits.train), trie,
     )  # fmt: skip
+
+
+def check_splits(splits, config: RunConfig) -> None:
+    """A run needs training and validation questions (the test split may be absent): say
+    which split is empty and why, instead of failing deep inside tokenisation."""
+    d = config.data
+    skipped = splits.skipped or {}
+    for name in ("train", "val"):
+        if getattr(splits, name):
+            continue
+        source = (d.val_file if name == "val" else None) or d.train_file or "the embedded set"
+        why = (
+            f"--on_bad_image skip dropped all {skipped[name]} of its questions (their images "
+            "are bad)"
+            if skipped.get(name)
+            else "it holds no questions"
+        )
+        raise VQADataError(f"the {name} split is empty: {why}", file=source)
 
 
 # -- fit: optimizer, schedule, accelerate ----------------------------------------------------
@@ -236,6 +347,11 @@ def restore(run: RunDirectory, fit: Fit, runtime: Runtime, resuming: bool, log) 
     if resuming:
         run.recover_checkpoints()
     runtime.wait()
+    if resuming and run.last.exists() and not (run.last / STATE_FILE).exists():
+        raise VQADataError(
+            f"{run.last} holds no {STATE_FILE}: the run cannot resume from it. best/ holds the "
+            "best weights so far (vqadapt eval evaluates them); --overwrite starts again"
+        )
     if resuming and (run.last / STATE_FILE).exists():
         load_checkpoint(fit.raw_model, run.last)
         saved = load_training_state(run.last)
@@ -388,7 +504,7 @@ def save_epoch(
         if improved:
             save_checkpoint(fit.raw_model, run.best, base_models=bases, full_state=full_state)
             write_predictions(
-                run.path / "predictions_val.jsonl", setup.data.splits.val, val["predictions"]
+                run.file("predictions_val.jsonl"), setup.data.splits.val, val["predictions"]
             )
         training_state = {
             "optimizer": fit.optimizer.state_dict(),
@@ -467,9 +583,7 @@ def finish(
         "finished": now(),
     }
     if runtime.is_main and test:
-        write_predictions(
-            run.path / "predictions_test.jsonl", data.splits.test, test["predictions"]
-        )
+        write_predictions(run.file("predictions_test.jsonl"), data.splits.test, test["predictions"])
     run.succeeded(summary)
     if test:
         log(f"test: EM {100 * test['em']:.1f}  F1 {100 * test['f1']:.1f}  (n={test['n']})")

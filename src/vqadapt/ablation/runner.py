@@ -27,6 +27,7 @@ import yaml
 from vqadapt.config import RunConfig, check_settings, load_yaml
 from vqadapt.errors import VQAConfigError
 from vqadapt.experiments import defaults_file, preset_file
+from vqadapt.folders import lock_holder
 from vqadapt.io import atomic_write_json, atomic_write_text
 
 
@@ -246,9 +247,22 @@ class _Running:
     started: float
 
 
+def reserve_cell(cell: Path) -> None:
+    """Make ``cell`` a run folder (the marker) before the runner writes its own files there;
+    a cell made before runs were marked (it holds the runner's ``cell.yaml``) is adopted."""
+    from vqadapt.run_dir import MARKER, RunDirectory, now
+
+    if (cell / "cell.yaml").is_file() and not (cell / MARKER).is_file():
+        atomic_write_json(cell / MARKER, {"vqadapt_run": 1, "created": now()})
+    RunDirectory.reserve(cell)
+
+
 def _start(job: Job, environment: dict[str, str]) -> _Running:
-    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``)."""
-    job.cell.mkdir(parents=True, exist_ok=True)
+    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``),
+    which dies with the runner (``lifeline``): a killed study leaves no cell training."""
+    from vqadapt.lifeline import PARENT_ENV
+
+    reserve_cell(job.cell)
     job.config.train.resume = job.resume
     job.config.save(job.cell / "cell.yaml")
     command = [sys.executable, "-m", "vqadapt", "train", "--config", str(job.cell / "cell.yaml")]
@@ -257,16 +271,21 @@ def _start(job: Job, environment: dict[str, str]) -> _Running:
         command,
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **environment},
+        env={**os.environ, **environment, PARENT_ENV: str(os.getpid())},
     )
     return _Running(job, process, log_file, time.perf_counter())
 
 
 def _finish(running: _Running, log) -> str:
     """A cell's final status, once its process has exited; a crash is recorded as failed."""
+    from vqadapt.errors import VQABusyError
+
     running.log_file.close()
     cell, code = running.job.cell, running.process.returncode
     status = read_status(cell)
+    if code == VQABusyError.exit_code:  # another process trains this cell: not ours to mark
+        log(f"{running.job.name}: in use by another process, left alone")
+        return status or "running"
     if code != 0 or status != "success":
         tail = (cell / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         reason = f"exit code {code}" + (" (killed: out of memory?)" if code in (-9, 137) else "")
@@ -330,6 +349,13 @@ def run_study(args) -> Path:
     if args.jobs < 1:
         raise VQAConfigError(f"--jobs must be >= 1, got {args.jobs}")
     out.mkdir(parents=True, exist_ok=True)
+    from vqadapt.folders import FolderLock
+
+    with FolderLock(out, "study"):  # one runner per study; released when it ends or dies
+        return _run_locked_study(args, preset, out, seeds, extra, log)
+
+
+def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Path:
     study = {
         "preset": preset.name,
         "description": preset.description,
@@ -344,7 +370,14 @@ def run_study(args) -> Path:
     }
     previous = out / "study.json"
     if previous.is_file():
-        old = json.loads(previous.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise VQAConfigError(
+                f"{previous} is damaged: restore it, or use another --out (nothing was changed)"
+            ) from None
         if old.get("experiments") != study["experiments"] or old.get("base") != study["base"]:
             raise VQAConfigError(
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
@@ -361,6 +394,13 @@ def run_study(args) -> Path:
         for experiment in preset.experiments:
             for seed in seeds:
                 cell = out / experiment.name / f"seed{seed}"
+                holder = lock_holder(cell)
+                if holder is not None:  # a cell of a killed runner that did not die with it
+                    log(
+                        f"{experiment.name} seed {seed}: still running in another process "
+                        f"({holder}), not started again"
+                    )
+                    continue
                 status = read_status(cell)
                 if status == "success":
                     log(f"{experiment.name} seed {seed}: done before, skipped")

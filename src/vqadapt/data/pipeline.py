@@ -109,6 +109,8 @@ def encode_split(
     image_slot: Callable[[VQARecord], int],
     answer_weight: Callable[[str], float] | None = None,
 ) -> Encoded:
+    if not records:  # a split may be absent (no --test_file); tokenizers fail on an empty batch
+        return Encoded([], [], [], [], torch.zeros(0))
     questions = tokenizer([r.question for r in records], add_special_tokens=True)["input_ids"]
     answers = tokenizer([r.answer for r in records], add_special_tokens=True)["input_ids"]
     cut_q = sum(len(q) > data.max_question_tokens for q in questions)
@@ -146,10 +148,11 @@ class ImageStore:
         if self.index is None or record.image is None:
             return -1
         path = self.index.resolve_strict(record.image)
-        if path not in self.slots:
-            self.slots[path] = len(self.paths)
+        key = path.resolve()  # one slot per file, however it is referenced (a symlink too)
+        if key not in self.slots:
+            self.slots[key] = len(self.paths)
             self.paths.append(path)
-        return self.slots[path]
+        return self.slots[key]
 
     def pixels(self) -> torch.Tensor:
         """(N, 3, crop, crop) uint8 for every registered image."""
