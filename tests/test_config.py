@@ -362,9 +362,17 @@ def test_flags_follow_the_conventions_of_hf_argument_parser() -> None:
 
 def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path: Path) -> None:
     settings_file = tmp_path / "s.yaml"
-    settings_file.write_text("train:\n  lr: 1e-2\n  epochs: 3\ndata:\n", encoding="utf-8")
+    settings_file.write_text("train:\n  lr: 1e-2\n  epochs: 3\n", encoding="utf-8")
     config = parse_run_config(["--config", str(settings_file), "--epochs", "5"])
     assert (config.train.lr, config.train.epochs, config.train.batch_size) == (0.01, 5, 32)
+
+
+def test_an_empty_section_is_refused_not_read_as_defaults(tmp_path: Path) -> None:
+    """``train:`` with nothing under it is what a file cut off after that line looks like."""
+    settings_file = tmp_path / "s.yaml"
+    settings_file.write_text("data:\n  val_fraction: 0.2\ntrain:\n", encoding="utf-8")
+    with pytest.raises(VQAConfigError, match=r"s.yaml: section 'train' holds no settings"):
+        parse_run_config(["--config", str(settings_file)])
 
 
 def _option_actions(parser: argparse.ArgumentParser, prefix: str) -> dict[str, list]:

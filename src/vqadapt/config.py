@@ -395,7 +395,7 @@ def field_owner() -> dict[str, str]:
 
 
 def flatten_config(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Accept both ``{"train": {"lr": 1}}`` and ``{"lr": 1}`` (an empty section is null)."""
+    """Accept both ``{"train": {"lr": 1}}`` and ``{"lr": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if key in SECTION_NAMES and (value is None or isinstance(value, dict)):
@@ -418,6 +418,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise VQAConfigError(f"{path}: not UTF-8 text ({err.reason})") from err
     if not isinstance(values, dict):
         raise VQAConfigError(f"{path}: expected a mapping of settings")
+    empty = [key for key in SECTION_NAMES if key in values and values[key] is None]
+    if empty:  # a cut-off file reads like this: never run on defaults in its place
+        raise VQAConfigError(
+            f"{path}: section {empty[0]!r} holds no settings (a truncated file?): give it its "
+            "settings or remove the line"
+        )
     return values
 
 
