@@ -906,3 +906,31 @@ def test_a_menu_run_resumes_exactly_and_exports(vqa_env, tmp_path: Path, name: s
 
 def menu_choices(config: RunConfig) -> dict[str, str]:
     return {tower: str(choice) for tower, choice in menu.resolve(config.adapt).items()}
+
+
+def test_the_report_shows_exact_parameter_counts(tmp_path: Path) -> None:
+    from fake_study import build_fake_study
+    from vqadapt.ablation.report import write_report
+
+    study = build_fake_study(tmp_path / "study")
+    markdown = write_report(study)["report.md"].read_text(encoding="utf-8")
+    coverage = markdown.split("## Parameters and coverage", 1)[1].split("\n## ", 1)[0]
+    for cell in (study / "lora_r8").glob("seed*/summary.json"):
+        trainable = json.loads(cell.read_text(encoding="utf-8"))["params"]["trainable"]
+        assert f"| lora_r8 | {trainable:,} |" in coverage
+        break
+    else:
+        pytest.fail("no lora_r8 cell")
+
+
+def test_the_cache_keeps_only_what_does_not_train(vqa_env, tmp_path: Path) -> None:
+    from vqadapt.build import build_data, build_model
+
+    for choice, embeddings in (("last_n:1", True), ("full", False)):
+        config = vqa_env.config(tmp_path / choice, "--vision_encoder", choice)
+        model, _, tokenizer, preprocessing = build_model(config, vqa_env.backbones())
+        data = build_data(
+            config, model, tokenizer, preprocessing, vqa_env.backbones(), log=lambda _: None
+        )
+        assert data.features.vision_features is None
+        assert (data.features.vision_embeddings is not None) is embeddings, choice

@@ -256,7 +256,7 @@ def _coverage_table(table: list[dict]) -> list[Block]:
     rows = [
         [
             r["experiment"],
-            fmt_params(r["trainable_params"]),
+            f"{r['trainable_params']:,}" if _finite(r["trainable_params"]) else "–",  # exact
             f"{r['trainable_pct']:.2f}%" if _finite(r["trainable_pct"]) else "–",
             r["coverage"] or "–",
             r["layers_adapted"] or "none",
