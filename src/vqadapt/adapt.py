@@ -589,8 +589,9 @@ def activation_bytes(model: VQAModel, shapes: ActivationShapes) -> dict[str, Act
     decoder every layer when anything upstream trains (each layer's cross-attention reads the
     encoder states), else from its first trainable layer; the projector's when it or the
     vision tower trains; the LM head's logits always (in fp32, for the loss). The per-layer
-    counts are ``_layer_values``'s; ``tests/test_menu.py`` measures them against the tensors
-    autograd saves on the tiny models (within 0.6-1.5x).
+    counts are ``_layer_values``'s (padding to the speed paths' key and grid multiples not
+    counted); ``tests/test_menu.py`` measures them against the tensors autograd saves on the
+    tiny models (within 0.6-1.5x), ``bench/checkpointing_memory.py`` on a GPU at real shapes.
     """
     b, per_value = shapes.batch, shapes.bytes_per_value
     training = TrainingMap.of(model)
