@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "--preset",
         default="quick",
-        help="a preset shipped with vqadapt (quick, seed, grid-example; $VQADAPT_EXPERIMENTS "
+        help="a preset shipped with vqadapt (quick, seed, beyond-seed, grid-example; $VQADAPT_EXPERIMENTS "
         "points elsewhere) or a YAML file (default %(default)s)",
     )
     ab.add_argument(
