@@ -620,18 +620,24 @@ def activation_bytes(model: VQAModel, shapes: ActivationShapes) -> dict[str, Act
         width = config.hidden_size if tower == "vision" else d
         queries, keys = sizes[tower]
         heads = _heads(config, tower)
-        costs = [
-            _layer_values(layer, tower, heads, width, queries, keys)
-            for layer in list(layers)[start - 1 :]
-        ]
+        # A layer with nothing trainable runs in eval mode, and checkpointing (transformers'
+        # rule, which the speed paths follow) recomputes layers in training mode only.
+        frozen = {id(module) for module in model.frozen_modules}
+        whole_tower_frozen = tower == "text_decoder" and id(model.text.get_decoder()) in frozen
+        costs, recomputed = [], []
+        for layer in list(layers)[start - 1 :]:
+            full, inputs = _layer_values(layer, tower, heads, width, queries, keys)
+            in_training = not whole_tower_frozen and id(layer) not in frozen
+            costs.append((full, inputs if in_training else full))
+            recomputed.append(full if in_training else 0)
         # around the layers: the embeddings' and the final norm's outputs; a checkpointed
         # decoder also keeps the encoder states its layers read (one tensor for all of them)
         around = 2 * queries * width
         states = keys * width if tower == "text_decoder" else 0
         out[tower] = ActivationBytes(
             b * (sum(full for full, _ in costs) + around) * per_value,
-            b * (sum(inputs for _, inputs in costs) + around + states) * per_value,
-            b * max(full for full, _ in costs) * per_value,
+            b * (sum(kept for _, kept in costs) + around + states) * per_value,
+            b * max(recomputed) * per_value,
         )
     projector = 0.0
     if model.projector is not None and (trains["vision"] or trains["projector"]):

@@ -216,7 +216,10 @@ class VQAModel(nn.Module):
         transformers' layers carry the switch (``GradientCheckpointingLayer``): the library's
         own loops check it, and so do vqadapt's speed paths (``speed.packed.run_layer``).
         Non-reentrant checkpointing with the RNG state preserved: the recomputed dropout masks
-        are the ones of the forward pass, so the gradients are the same.
+        are the ones of the forward pass, so the gradients are the same. As in transformers,
+        only layers in training mode recompute: a layer with nothing trainable runs in eval
+        mode and keeps its activations when the backward pass goes through it (a frozen
+        decoder under a trained encoder; the plan's estimate counts it so).
         """
         from torch.utils.checkpoint import checkpoint
         from transformers.modeling_layers import GradientCheckpointingLayer
