@@ -296,7 +296,7 @@ def test_refused_choices_say_why(settings: dict, message: str) -> None:
             {"text_decoder": "last_n:3"},
             "--text_decoder last_n:3 is out of range: the text decoder has 2 layers",
         ),
-        ({"vision_encoder": "last_n:5"}, "the vision has 2 layers"),
+        ({"vision_encoder": "last_n:5"}, "the vision encoder has 2 layers"),
         (
             {"text_encoder": "lora", "text_lora_layers": "12-13"},
             "--text_lora_layers 12-13: the text encoder has 12 layers",

@@ -48,6 +48,12 @@ ADAPTER_SITES = {
     "text_decoder": ("decoder", "text", "text_decoder"),
 }
 VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA"}
+TOWER_NAMES = {
+    "vision": "vision encoder",
+    "projector": "projector",
+    "text_encoder": "text encoder",
+    "text_decoder": "text decoder",
+}
 
 
 @dataclass
@@ -231,15 +237,16 @@ def check_choices(model: VQAModel, adapt: AdaptConfig, choices: dict[str, TowerC
         if not 0 <= choice.last_n <= depth:
             if tower == "text_encoder" and adapt.text_encoder is None:
                 flag = f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers}"
-            name = tower.replace("_", " ")
-            raise VQAConfigError(f"{flag} is out of range: the {name} has {depth} layers")
+            raise VQAConfigError(
+                f"{flag} is out of range: the {TOWER_NAMES[tower]} has {depth} layers"
+            )
         if choice.lora:
             spec = menu.lora_spec(adapt, tower)
             if spec.layers is not None and spec.layers[-1] > depth:
                 prefix = menu.LORA_PREFIXES[tower]
                 raise VQAConfigError(
                     f"--{prefix}_lora_layers {getattr(adapt, f'{prefix}_lora_layers')}: the "
-                    f"{tower.replace('_', ' ')} has {depth} layers"
+                    f"{TOWER_NAMES[tower]} has {depth} layers"
                 )
             _lora_targets(model, tower, spec)
 

@@ -274,8 +274,8 @@ class TrainConfig:
     lr: float = option(1e-3, "Peak learning rate (AdamW).", POSITIVE)
     vision_lr: float | None = option(
         None,
-        "Learning rate of the vision LoRA (default: lr * 0.3; a vision tower trained at the "
-        "text rate collapses, see FINDINGS).",
+        "Learning rate of whatever trains in the vision tower (LoRA, last_n, full; default: "
+        "lr * 0.3; a vision tower trained at the text rate collapses, see FINDINGS).",
         POSITIVE,
     )
     weight_decay: float = option(

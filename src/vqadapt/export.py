@@ -318,7 +318,7 @@ def write_export(
         shutil.copyfile(source, folder / "vision" / "preprocessor_config.json")
         save_file(_plain_state(model.projector), str(folder / PROJECTOR_FILE))
     sites = lora_sites(model)
-    adapters = [] if merged else list(sites)
+    adapters = [] if merged else sorted(sites)
     for name in adapters:
         _, tower, adapter = sites[name]
         # the towers saved above hold the base weights as trained (a PiSSA residual included)
