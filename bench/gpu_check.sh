@@ -10,6 +10,8 @@
 # 2. a tiny end-to-end run of the CLI on CUDA: train, eval, predict, export, ablate (smoke);
 # 3. the real-shape speed table (bench/gpu_check.py): the plain loop, vqadapt uncached and
 #    cached, batch 32 and 128, samples/s, MFU, peak memory; and each speed path on and off;
+#    activation memory with and without gradient checkpointing beside the plan's estimate
+#    (bench/checkpointing_memory.py);
 # 4. `vqadapt train` end to end at real shapes on 3,000 synthetic questions, cached and not
 #    (bench/real_shapes.py), against the in-memory step.
 # Logs and JSON go to $OUT (the device tool's output folder) or bench/results/gpu_check.
@@ -28,11 +30,13 @@ SCALE=1
 DEVICE=cuda
 SPEED=(--batch_sizes 32 128 --steps 8)
 REAL=(--batch_size 128)
+CKPT=(--batch_size 64)
 if [ "$SMOKE" = 1 ]; then
   SCALE=4  # two slow CPU cores, not a GPU
   DEVICE=cpu
   SPEED=(--tiny --device cpu --batch_sizes 4 --steps 1)
   REAL=(--tiny --batch_size 8)
+  CKPT=(--tiny --device cpu --batch_size 4)
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/*.whl
 export PYTHONPATH="$SITE:$PWD/src:$PWD/bench" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -88,6 +92,9 @@ export -f tiny vq
 section end_to_end 150 bash -c tiny
 
 section speed 240 "$PY" bench/gpu_check.py "${SPEED[@]}" --out "$OUT/gpu_check.json"
+
+section checkpointing 120 "$PY" bench/checkpointing_memory.py "${CKPT[@]}" \
+  --out "$OUT/checkpointing.json"
 
 section real_shapes 150 "$PY" bench/real_shapes.py --data "$WORK/data" \
   --tiny_text "$WORK/tiny/text" --work "$WORK/real" --in_memory "$OUT/gpu_check.json" \

@@ -258,7 +258,7 @@ def test_lora_only_where_asked(make_tiny_model, name: str) -> None:
         set(range(12)) if adapt.use_text_lora else set()
     )
     assert not [n for n in lora if "decoder" in n]
-    assert len(plan.lora_modules["text"]) == (36 if adapt.use_text_lora else 0)
+    assert len(plan.lora_modules["text_encoder"]) == (36 if adapt.use_text_lora else 0)
     assert len(plan.lora_modules["vision"]) == (6 if adapt.use_vision_lora else 0)
     # The wrapped base projections keep the layer's own mode: frozen unless unfrozen.
     first_unfrozen = 12 - adapt.unfreeze_encoder_layers

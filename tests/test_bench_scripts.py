@@ -39,3 +39,20 @@ def test_gpu_check_script_runs_on_tiny_shapes(tmp_path):
     }
     variants = {row["variant"] for row in result["speed_paths"]}
     assert {"profile", "library", "no packed_encoder"} <= variants  # the CPU profile's paths
+
+
+@pytest.mark.slow
+def test_checkpointing_memory_script_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "checkpointing.json"
+    command = [sys.executable, str(ROOT / "bench" / "checkpointing_memory.py"), "--tiny"]
+    command += ["--device", "cpu", "--batch_size", "4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 * 2
+    by = {(row["strategy"], row["checkpointed"]): row for row in rows}
+    for strategy in ("lora_r16", "decoder_lora", "vision_last2"):
+        plain, checkpointed = by[(strategy, False)], by[(strategy, True)]
+        assert checkpointed["measured_mib"] < plain["measured_mib"]
+        assert checkpointed["estimated_mib"] < plain["estimated_mib"]

@@ -67,6 +67,10 @@ NEEDS = {
     f"{tower}_lora_{part}": {f"use_{tower}_lora": True}
     for tower in ("text", "vision")
     for part in ("r", "alpha", "dropout")
+} | {
+    f"{prefix}_lora_{part}": {flag: "lora"}
+    for prefix, flag in (("projector", "projector"), ("decoder", "text_decoder"))
+    for part in ("r", "alpha", "dropout")
 }
 
 
@@ -99,6 +103,12 @@ RANGES: dict[str, tuple[list[object], list[object]]] = {
     "vision_lora_r": ([0, -4], [1, 8]),
     "vision_lora_alpha": ([0, -1, NAN, -INF], [16]),
     "vision_lora_dropout": ([1, -0.1, NAN], [0, 0.05]),
+    "projector_lora_r": ([0, -1], [1, 4]),
+    "projector_lora_alpha": ([0, NAN, INF], [8]),
+    "projector_lora_dropout": ([1, -0.1], [0, 0.1]),
+    "decoder_lora_r": ([0, -8], [1, 16]),
+    "decoder_lora_alpha": ([0, -2, NAN], [0.5, 32]),
+    "decoder_lora_dropout": ([1, 2, NAN], [0, 0.05]),
     "epochs": ([0, -1], [1, HUGE]),
     "batch_size": ([0, -1], [1, 4096]),
     "eval_batch_size": ([0, -1], [1]),

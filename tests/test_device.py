@@ -204,6 +204,7 @@ class _Toy(torch.nn.Module):
 
         self.projector = torch.nn.Linear(3, 2)
         self.text_layout = SimpleNamespace(num_layers=0, layers_path="none.layers")
+        self.text_family = SimpleNamespace(decoder_layers_path="none.decoder_layers")
         self.vision_layout = None
         self.text_encoder = torch.nn.Module()
 

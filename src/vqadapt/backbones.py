@@ -19,7 +19,7 @@ from torch import nn
 from vqadapt.errors import VQAConfigError
 from vqadapt.families import get_submodule, text_family, vision_family
 
-__all__ = ["TowerLayout", "get_submodule", "text_layout", "vision_layout"]
+__all__ = ["TowerLayout", "decoder_layout", "get_submodule", "text_layout", "vision_layout"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,11 @@ class TowerLayout:
 
 
 def linear_names(layer: nn.Module) -> set[str]:
-    """Leaf names of the linear layers inside one encoder layer."""
+    """Leaf names of the linear layers inside one layer (a LoRA-wrapped one by its own name)."""
     return {
-        name.rsplit(".", 1)[-1] for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)
+        name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+        for name, mod in layer.named_modules()
+        if isinstance(mod, nn.Linear) and ".lora_" not in name
     }
 
 
@@ -59,21 +61,38 @@ def text_layout(model: nn.Module) -> TowerLayout:
     return _layout(model, text_family(model))
 
 
+def decoder_layout(model: nn.Module) -> TowerLayout:
+    """The decoder's layers: the family's ``decoder_layers_path``, the same projection names
+    (they name self- and cross-attention alike)."""
+    family = text_family(model)
+    layers = get_submodule(model, family.decoder_layers_path)
+    return TowerLayout(
+        model.config.model_type, family.decoder_layers_path, len(layers), tuple(family.projections)
+    )
+
+
 def vision_layout(model: nn.Module) -> TowerLayout:
     return _layout(model, vision_family(model))
 
 
-def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tuple[str, ...]:
-    """Turn ``--*_lora_targets`` ("auto" or "a,b,c") into projection names that exist."""
+def resolve_targets(
+    requested: str, layout: TowerLayout | None, layer: nn.Module
+) -> tuple[str, ...]:
+    """Turn ``--*_lora_targets`` ("auto", "all-linear" or "a,b,c") into names of linear layers
+    that exist in ``layer`` (one layer of the stack, or the projector); ``layout`` None: "auto"
+    is every linear layer too (the projector)."""
+    present = linear_names(layer)
+    if requested.strip() == "all-linear" or (requested.strip() == "auto" and layout is None):
+        return tuple(sorted(present))
     if requested.strip() == "auto":
         return layout.projections
     names = tuple(name.strip() for name in requested.split(",") if name.strip())
-    present = linear_names(layer)
     missing = [name for name in names if name not in present]
     if not names or missing:
         raise VQAConfigError(
-            f"LoRA target(s) {missing or requested!r} match no linear layer of a {layout.family} "
-            f"encoder layer; available: {', '.join(sorted(present))}"
+            f"LoRA target(s) {missing or requested!r} match no linear layer of "
+            f"{f'a {layout.family} layer' if layout else 'the projector'}; available: "
+            f"{', '.join(sorted(present))}"
         )
     return names
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vqadapt import speed
-from vqadapt.adapt import AdaptationPlan, apply_adaptation
+from vqadapt import menu, speed
+from vqadapt.adapt import ActivationShapes, AdaptationPlan, apply_adaptation
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -79,9 +79,32 @@ def build_model(
     vision = load_vision(backbones.vision, remote) if backbones.vision else None
     preprocessing = load_image_preprocessing(backbones.vision) if backbones.vision else None
     model = VQAModel(vision, text, dropout=config.train.dropout)
-    plan = apply_adaptation(model, config.adapt, blind=config.model.blind)
-    speed.install(model, SpeedPaths.parse(config.train.speed_paths, device))
+    t = config.train
+    if t.gradient_checkpointing:
+        towers = menu.parse_names(
+            t.gradient_checkpointing_towers, menu.CHECKPOINTABLE, "gradient_checkpointing_towers"
+        )
+        model.set_gradient_checkpointing(towers)
+    shapes = ActivationShapes.for_model(
+        model,
+        batch=t.batch_size,
+        question_tokens=config.data.max_question_tokens,
+        answer_tokens=config.data.max_answer_tokens,
+        image_size=preprocessing.crop if preprocessing else None,
+        precision=activation_precision(t.mixed_precision, torch.device(device)),
+    )
+    plan = apply_adaptation(model, config.adapt, blind=config.model.blind, shapes=shapes)
+    speed.install(model, SpeedPaths.parse(t.speed_paths, device))
     return model.to(device), plan, tokenizer, preprocessing
+
+
+def activation_precision(setting: str, device: torch.device) -> str:
+    """The precision activations take under ``--mixed_precision setting`` on ``device`` (auto:
+    bf16 on a CUDA GPU that supports it, else fp32), for the plan's memory estimate."""
+    if setting != "auto":
+        return setting
+    cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if cuda else "no"
 
 
 def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
@@ -162,43 +185,29 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
 
 
 def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
-    """Check layer counts and LoRA targets against the towers' config.json, before any weight
-    loads: the towers are built on the meta device (shapes only, no memory, no weights)."""
+    """Check every tower choice against the towers' config.json (layer counts, LoRA layers and
+    targets) before any weight loads: the model is assembled on the meta device (shapes only,
+    no memory, no weights) and ``adapt.check_choices`` looks at it."""
     from transformers import AutoModel, AutoModelForSeq2SeqLM
 
-    from vqadapt.backbones import (
-        get_submodule,
-        load_config,
-        loading,
-        resolve_targets,
-        text_layout,
-        vision_layout,
-    )
-    from vqadapt.errors import VQAConfigError
+    from vqadapt.adapt import check_choices
+    from vqadapt.backbones import load_config, loading
 
-    adapt, remote = config.adapt, config.model.trust_remote_code
+    remote = config.model.trust_remote_code
     text_config = load_config(backbones.text, "text model", remote)
+    vision_config = None
+    if backbones.vision:
+        vision_config = load_config(backbones.vision, "vision model", remote)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
     with torch.device("meta"):
         with loading(backbones.text, "text model"):
             text = AutoModelForSeq2SeqLM.from_config(text_config, trust_remote_code=remote)
-        layout = text_layout(text)
-        if adapt.unfreeze_encoder_layers > layout.num_layers:
-            raise VQAConfigError(
-                f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers} is out of range: the "
-                f"text encoder has {layout.num_layers} layers"
-            )
-        if adapt.use_text_lora:
-            first = get_submodule(text, layout.layers_path)[0]
-            resolve_targets(adapt.text_lora_targets, layout, first)
-        if adapt.use_vision_lora and backbones.vision:
-            vision_config = load_config(backbones.vision, "vision model", remote)
-            vision_config = getattr(vision_config, "vision_config", vision_config)
+        vision = None
+        if vision_config is not None:
             with loading(backbones.vision, "vision model"):
                 vision = AutoModel.from_config(vision_config, trust_remote_code=remote)
-            layout = vision_layout(vision)
-            resolve_targets(
-                adapt.vision_lora_targets, layout, get_submodule(vision, layout.layers_path)[0]
-            )
+        model = VQAModel(vision, text)
+    check_choices(model, config.adapt, menu.resolve(config.adapt))
 
 
 @dataclass
@@ -293,7 +302,7 @@ def fill_caches(
     if model.vision is not None and model.vision_frozen and images.paths:
         log(f"vision tower frozen: caching features of {len(images.paths)} images")
         features.vision_features = _vision_cache(model, images, preprocessing, folder, log, runtime)
-    elif model.vision_splittable and images.paths:
+    elif model.vision_splittable and model.vision_embeddings_frozen and images.paths:
         log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
         features.vision_embeddings = _vision_cache(
             model, images, preprocessing, folder, log, runtime, embeddings_only=True

@@ -7,7 +7,6 @@ seconds to import, and ``--help`` (or a refused flag) must not wait for them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import math
@@ -70,29 +69,38 @@ def _cmd_plan(argv: list[str]) -> int:
         "vqadapt train).",
     )
     parser.add_argument(
-        "--rank_table", action="store_true", help="add exact LoRA parameter counts for r = 4..64"
+        "--rank_table",
+        action="store_true",
+        help="add exact LoRA parameter counts for r = 4..64 on each tower's targets and layers",
     )
     args, extra = parser.parse_known_args(argv)
     if extra:
         raise VQAConfigError(f"unrecognised arguments: {' '.join(extra)}")
     config = config_from_args(args)
+    from vqadapt import menu
     from vqadapt.adapt import format_plan, lora_parameter_count
     from vqadapt.build import build_model, resolve_backbones
 
     backbones = resolve_backbones(config, log=lambda m: print(m, file=sys.stderr))
-    _, plan, _, _ = build_model(config, backbones)
+    model, plan, _, _ = build_model(config, backbones)
     print(format_plan(plan))
     if args.rank_table:
-        frozen = dataclasses.replace(
-            config.adapt, unfreeze_encoder_layers=0, use_text_lora=False, use_vision_lora=False
+        adapt = config.adapt
+        towers = ("text_encoder", "vision", "text_decoder")
+        specs = {tower: menu.lora_spec(adapt, tower) for tower in towers}
+        print(
+            f"\nexact LoRA parameter counts ({adapt.lora_variant}; each tower's "
+            "--*_lora_targets and --*_lora_layers)"
         )
-        base, _, _, _ = build_model(dataclasses.replace(config, adapt=frozen), backbones)
-        print("\nexact LoRA parameter counts (q/k/v of every encoder layer)")
-        print(f"{'r':>4}{'text encoder':>16}{'vision encoder':>16}")
+        print(f"{'r':>4}" + "".join(f"{tower:>16}" for tower in towers))
         for r in (4, 8, 16, 32, 64):
-            text = lora_parameter_count(base, "text", config.adapt.text_lora_targets, r)
-            vision = lora_parameter_count(base, "vision", config.adapt.vision_lora_targets, r)
-            print(f"{r:>4}{text:>16,}{vision:>16,}")
+            counts = [
+                lora_parameter_count(
+                    model, tower, specs[tower].targets, r, specs[tower].layers, adapt.lora_variant
+                )
+                for tower in towers
+            ]
+            print(f"{r:>4}" + "".join(f"{count:>16,}" for count in counts))
     return 0
 
 
@@ -486,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "--preset",
         default="quick",
-        help="a preset shipped with vqadapt (quick, seed, grid-example; $VQADAPT_EXPERIMENTS "
+        help="a preset shipped with vqadapt (quick, seed, beyond-seed, grid-example; $VQADAPT_EXPERIMENTS "
         "points elsewhere) or a YAML file (default %(default)s)",
     )
     ab.add_argument(

@@ -54,6 +54,7 @@ EarlyStoppingMetric = Literal["val_loss", "val_em"]
 OnNonfinite = Literal["stop", "skip"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 TrainingDevice = Literal["auto", "cpu", "cuda"]
+LoraVariant = Literal["lora", "dora", "rslora", "pissa"]
 
 FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
@@ -62,6 +63,7 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 EARLY_STOPPING_METRICS: tuple[str, ...] = get_args(EarlyStoppingMetric)
 ON_NONFINITE: tuple[str, ...] = get_args(OnNonfinite)
 PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
+LORA_VARIANTS: tuple[str, ...] = get_args(LoraVariant)
 
 
 # -- the tree -----------------------------------------------------------------------------------
@@ -133,46 +135,119 @@ class ModelConfig:
 
 @dataclass
 class AdaptConfig:
-    """How the pretrained encoders are adapted (the question this tool studies).
+    """How the pretrained towers are adapted (the question this tool studies).
 
-    The LoRA rank, alpha and dropout of a tower are range-checked only when its LoRA is on
-    (a grid may leave them at any value in the cells without LoRA)."""
+    One choice per tower (``vqadapt.menu``: frozen, full, last_n:N, lora, last_n:N+lora), each
+    tower's LoRA settings, and the seed's flags, which map onto the tower choices. A tower's
+    LoRA rank, alpha and dropout are range-checked only when its LoRA is on (a grid may leave
+    them at any value in the cells without LoRA)."""
 
+    vision_encoder: str | None = option(
+        None,
+        "What trains in the vision encoder: frozen, full, last_n:N, lora or last_n:N+lora. "
+        "Default: lora with --use_vision_lora, else frozen.",
+    )
+    projector: str = option(
+        "full", "What trains in the vision-to-text projector: frozen, full or lora."
+    )
+    text_encoder: str | None = option(
+        None,
+        "What trains in the text encoder: frozen, full, last_n:N, lora or last_n:N+lora. "
+        "Default: from the seed's flags (--unfreeze_encoder_layers N: last_n:N, --use_text_lora: "
+        "lora; neither: frozen).",
+    )
+    text_decoder: str = option(
+        "full",
+        "What trains in the text decoder (with its embedding and the LM head tied to it): full, "
+        "frozen, last_n:N, lora or last_n:N+lora.",
+    )
+    lora_variant: LoraVariant = option(
+        "lora",
+        "The LoRA of every tower, through peft: lora, dora (weight-decomposed: a magnitude per "
+        "output), rslora (scaled by alpha / sqrt(r)) or pissa (initialised from the principal "
+        "singular vectors; the base weight keeps the residual).",
+    )
     unfreeze_encoder_layers: int = option(
         0,
-        "The last N text-encoder layers train fully (0: frozen baseline).",
+        "The last N text-encoder layers train fully (0: frozen baseline); --text_encoder last_n:N.",
         NON_NEGATIVE,
     )
     use_text_lora: bool = option(
-        False, "LoRA on the attention projections of every text-encoder layer."
+        False,
+        "LoRA on the attention projections of every text-encoder layer; --text_encoder lora.",
     )
-    text_lora_r: int = option(16, "Text LoRA rank.")
-    text_lora_alpha: float = option(32.0, "Text LoRA alpha.")
-    text_lora_dropout: float = option(0.05, "Text LoRA dropout.")
+    text_lora_r: int = option(16, "Text-encoder LoRA rank.")
+    text_lora_alpha: float = option(32.0, "Text-encoder LoRA alpha.")
+    text_lora_dropout: float = option(0.05, "Text-encoder LoRA dropout.")
     text_lora_targets: str = option(
-        "auto", "Comma-separated projection names, or 'auto' for the family's q/k/v."
+        "auto",
+        "Text-encoder LoRA targets: 'auto' (the family's q/k/v), 'all-linear' or "
+        "comma-separated projection names.",
+    )
+    text_lora_layers: str = option(
+        "all", "Text-encoder layers that get LoRA: all, or 1-based numbers and ranges (10-12)."
     )
     use_vision_lora: bool = option(
-        False, "LoRA on every vision-encoder layer (otherwise the vision tower is frozen)."
+        False,
+        "LoRA on every vision-encoder layer (otherwise the vision tower is frozen); "
+        "--vision_encoder lora.",
     )
     vision_lora_r: int = option(8, "Vision LoRA rank.")
     vision_lora_alpha: float = option(16.0, "Vision LoRA alpha.")
     vision_lora_dropout: float = option(0.05, "Vision LoRA dropout.")
     vision_lora_targets: str = option(
-        "auto", "Comma-separated projection names, or 'auto' for the family's q/k/v."
+        "auto",
+        "Vision LoRA targets: 'auto' (the family's q/k/v), 'all-linear' or comma-separated "
+        "projection names.",
+    )
+    vision_lora_layers: str = option(
+        "all", "Vision layers that get LoRA: all, or 1-based numbers and ranges (5-6)."
+    )
+    projector_lora_r: int = option(8, "Projector LoRA rank.")
+    projector_lora_alpha: float = option(16.0, "Projector LoRA alpha.")
+    projector_lora_dropout: float = option(0.05, "Projector LoRA dropout.")
+    projector_lora_targets: str = option(
+        "auto", "Projector LoRA targets: 'auto' or 'all-linear' (fc1, fc2), or one of them."
+    )
+    decoder_lora_r: int = option(16, "Text-decoder LoRA rank.")
+    decoder_lora_alpha: float = option(32.0, "Text-decoder LoRA alpha.")
+    decoder_lora_dropout: float = option(0.05, "Text-decoder LoRA dropout.")
+    decoder_lora_targets: str = option(
+        "auto",
+        "Text-decoder LoRA targets: 'auto' (q/k/v of self- and cross-attention), 'all-linear' "
+        "(every linear layer of a decoder layer; never the LM head) or comma-separated names.",
+    )
+    decoder_lora_layers: str = option(
+        "all", "Text-decoder layers that get LoRA: all, or 1-based numbers and ranges."
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        from vqadapt import menu
+
+        choices = menu.resolve(self)
         problems = []
-        for tower in ("text", "vision"):
-            if not getattr(self, f"use_{tower}_lora"):
+        for tower, choice in choices.items():
+            prefix = menu.LORA_PREFIXES[tower]
+            if tower != "projector":
+                try:
+                    menu.parse_layers(
+                        getattr(self, f"{prefix}_lora_layers"), f"{prefix}_lora_layers"
+                    )
+                except VQAConfigError as err:
+                    problems.append(str(err))
+            if not choice.lora:
                 continue
             for name, bounds in (("r", POSITIVE), ("alpha", POSITIVE), ("dropout", FRACTION)):
-                value = getattr(self, f"{tower}_lora_{name}")
+                value = getattr(self, f"{prefix}_lora_{name}")
                 problem = bounds.problem(value)
                 if problem:
-                    problems.append(f"--{tower}_lora_{name} {problem} (got {show(value)})")
+                    problems.append(f"--{prefix}_lora_{name} {problem} (got {show(value)})")
+        if all(choice.frozen for choice in choices.values()):
+            problems.append(
+                "nothing would train: every tower is frozen (--vision_encoder, --projector, "
+                "--text_encoder, --text_decoder)"
+            )
         raise_problems(problems)
 
 
@@ -199,8 +274,8 @@ class TrainConfig:
     lr: float = option(1e-3, "Peak learning rate (AdamW).", POSITIVE)
     vision_lr: float | None = option(
         None,
-        "Learning rate of the vision LoRA (default: lr * 0.3; a vision tower trained at the "
-        "text rate collapses, see FINDINGS).",
+        "Learning rate of whatever trains in the vision tower (LoRA, last_n, full; default: "
+        "lr * 0.3; a vision tower trained at the text rate collapses, see FINDINGS).",
         POSITIVE,
     )
     weight_decay: float = option(
@@ -259,10 +334,27 @@ class TrainConfig:
         "fast_dropout, key_multiple=N, length_multiple=N).",
     )
     compile: bool = option(False, "torch.compile the model for training (inductor).")
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute), in the towers of "
+        "--gradient_checkpointing_towers; the gradients are the same.",
+    )
+    gradient_checkpointing_towers: str = option(
+        "all",
+        "Towers whose layers --gradient_checkpointing recomputes: all, or a comma-separated "
+        "list of vision, text_encoder, text_decoder.",
+    )
+    report_to: str = option(
+        "tensorboard",
+        "Experiment trackers (accelerate's tracking API), comma-separated: tensorboard "
+        "(run_dir/tensorboard/), wandb, mlflow (optional packages: pip install "
+        "'vqadapt[wandb]' or 'vqadapt[mlflow]'), or none.",
+    )
     ddp_timeout: int = option(
         1800, "Seconds a process waits at a collective before giving up (DDP).", TIMEOUT_RANGE
     )
-    log_every: int = option(20, "Steps between TensorBoard points.", POSITIVE)
+    log_every: int = option(20, "Steps between tracker points (loss, gradient norm, lr).", POSITIVE)
     progress: bool = option(True, "Show progress bars.")
 
     def __post_init__(self) -> None:
@@ -274,6 +366,12 @@ class TrainConfig:
         from vqadapt.speed import SpeedPaths
 
         SpeedPaths.parse(self.speed_paths, "cpu")
+        from vqadapt import menu
+
+        menu.parse_names(
+            self.gradient_checkpointing_towers, menu.CHECKPOINTABLE, "gradient_checkpointing_towers"
+        )
+        menu.parse_names(self.report_to, menu.TRACKERS, "report_to", none_ok=True)
 
 
 CONFIG_CLASSES = (DataConfig, ModelConfig, AdaptConfig, TrainConfig)
@@ -293,6 +391,21 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model.blind and self.adapt.use_vision_lora:
             raise VQAConfigError("--use_vision_lora needs a vision tower, but --blind removes it")
+        if self.model.blind:
+            from vqadapt import menu
+
+            choices = menu.resolve(self.adapt)
+            for tower, default in (("vision", "frozen"), ("projector", "full")):
+                if str(choices[tower]) != default:
+                    flag = menu.TOWER_FLAGS[tower]
+                    raise VQAConfigError(
+                        f"--{flag} {choices[tower]} needs a vision tower, but --blind removes it"
+                    )
+            if choices["text_encoder"].frozen and choices["text_decoder"].frozen:
+                raise VQAConfigError(
+                    "nothing would train: --blind has no vision tower or projector, and the "
+                    "text encoder and decoder are frozen"
+                )
 
     def validate(self) -> None:
         """Check again what construction checked.

@@ -9,7 +9,9 @@ Layout of an export folder::
     vision/                 the vision encoder and its ``preprocessor_config.json`` (not when blind)
     projector.safetensors   vision -> text projector and modality marker (not when blind)
     adapters/text/          without --merge: the LoRA adapters in peft's own format, next to
-    adapters/vision/        the base towers above; with --merge they are folded into them
+    adapters/vision/        the base towers above (text encoder, vision encoder, and where
+    adapters/decoder/       they have LoRA the text decoder, keys relative to the text model,
+    adapters/projector/     and the projector); with --merge they are folded into them
     answer_trie.json        training answers as token ids, for runs that decode with
                             --constrain_to_train_answers
     export_check.json       the check against the run (predictions and logits, held-out questions)
@@ -40,6 +42,7 @@ from torch import nn
 
 import vqadapt
 from vqadapt import speed
+from vqadapt.adapt import ADAPTER_SITES
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -48,7 +51,7 @@ from vqadapt.backbones import (
     load_vision,
     loading,
 )
-from vqadapt.checkpoint import load_adapter, save_adapter, towers_with_lora
+from vqadapt.checkpoint import load_adapter, lora_sites, save_adapter
 from vqadapt.config import DataConfig
 from vqadapt.data.images import ImageIndex, upright_rgb
 from vqadapt.data.pipeline import (
@@ -239,10 +242,12 @@ def load_exported(
         vision = None if blind else load_vision(str(folder / "vision"))
         preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
         model = VQAModel(vision, text, dropout=settings["dropout"])
-        if model.projector is not None:
+        if model.projector is not None:  # its plain weights, as the towers' (LoRA attaches next)
             model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-        for tower_name in settings["adapters"]:
-            _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
+        sites = {name: (attribute, adapter) for name, attribute, adapter in ADAPTER_SITES.values()}
+        for folder_name in settings["adapters"]:
+            attribute, adapter = sites[folder_name]
+            _attach_adapter(getattr(model, attribute), folder / "adapters" / folder_name, adapter)
         trie = None
         if settings["decoding"]["constrain_to_train_answers"]:
             values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
@@ -254,23 +259,32 @@ def load_exported(
     return ExportedModel(model, tokenizer, preprocessing, settings, folder, runtime, trie)
 
 
-def _attach_adapter(tower: nn.Module, folder: Path) -> None:
-    """Inject LoRA layers as the adapter config says (as training did) and load its weights."""
+def _attach_adapter(tower: nn.Module, folder: Path, adapter: str = "default") -> None:
+    """Inject LoRA layers as the adapter config says (as training did) and load its weights
+    (as ``adapter``; the text model may hold the encoder's and the decoder's)."""
+    import warnings
+
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
 
     config = LoraConfig.from_pretrained(str(folder))
-    inject_adapter_in_model(config, tower, adapter_name="default")
-    tower.peft_config = {"default": config}
-    load_adapter(tower, folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, tower, adapter_name=adapter)
+    tower.peft_config = {**getattr(tower, "peft_config", {}), adapter: config}
+    for module in tower.modules():  # each LoRA layer keeps its own adapter active
+        if isinstance(module, LoraLayer):
+            module.set_adapter(list(module.lora_A.keys()))
+    load_adapter(tower, folder, adapter)
 
 
 # -- writing --------------------------------------------------------------------------------
-def _save_tower(tower: nn.Module, folder: Path) -> None:
-    """``save_pretrained`` without LoRA layers: their base weights (merged or not) under the
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state without LoRA layers: their base weights (merged or not) under the
     plain names; a matrix shared by several names is written under each (see module doc)."""
     state: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, tensor in tower.state_dict().items():
+    for name, tensor in module.state_dict().items():
         if ".lora_" in name:
             continue
         tensor = tensor.detach().cpu().contiguous()
@@ -279,14 +293,23 @@ def _save_tower(tower: nn.Module, folder: Path) -> None:
             tensor = tensor.clone()
         storages.add(storage)
         state[name.replace(".base_layer.", ".")] = tensor
-    tower.save_pretrained(str(folder), state_dict=state)
+    return state
 
 
-def _lora_settings(tower: nn.Module | None) -> dict[str, Any] | None:
-    if tower is None or not hasattr(tower, "peft_config"):
-        return None
-    config = tower.peft_config["default"]
-    return {"r": config.r, "alpha": config.lora_alpha, "target_modules": config.target_modules}
+def _save_tower(tower: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` without LoRA layers (``_plain_state``)."""
+    tower.save_pretrained(str(folder), state_dict=_plain_state(tower))
+
+
+def _lora_settings(config) -> dict[str, Any]:
+    init = config.init_lora_weights
+    variant = "dora" if config.use_dora else "rslora" if config.use_rslora else "lora"
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": config.target_modules,
+        "variant": "pissa" if init == "pissa" else variant,
+    }
 
 
 def write_export(
@@ -309,13 +332,13 @@ def write_export(
         _save_tower(model.vision, folder / "vision")
         source = cached_file(run.backbones.vision, "preprocessor_config.json")
         shutil.copyfile(source, folder / "vision" / "preprocessor_config.json")
-        projector = {
-            k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()
-        }
-        save_file(projector, str(folder / PROJECTOR_FILE))
-    adapters = [] if merged else sorted(towers_with_lora(model))
+        save_file(_plain_state(model.projector), str(folder / PROJECTOR_FILE))
+    sites = lora_sites(model)
+    adapters = [] if merged else sorted(sites)
     for name in adapters:
-        save_adapter(getattr(model, name), folder / "adapters" / name, base_model=None)
+        _, tower, adapter = sites[name]
+        # the towers saved above hold the base weights as trained (a PiSSA residual included)
+        save_adapter(tower, folder / "adapters" / name, None, adapter=adapter, base_rewritten=True)
     config = run.config
     if answer_sequences is not None:
         trie = {"eos_token_id": run.tokenizer.eos_token_id, "sequences": answer_sequences}
@@ -333,8 +356,8 @@ def write_export(
         "merged": merged,
         "adapters": adapters,
         "lora": {
-            "text": _lora_settings(run.model.text),
-            "vision": _lora_settings(run.model.vision),
+            name: _lora_settings(tower.peft_config[adapter])
+            for name, (_, tower, adapter) in lora_sites(run.model).items()
         },
         "dropout": config.train.dropout,
         "decoding": {

@@ -1,10 +1,11 @@
 """One description per model family: where its parts are and what it supports.
 
-A text family (seq2seq) says where its encoder layers, embeddings and final norm are, how its
+A text family (seq2seq) says where its encoder and decoder layers, embeddings and final norm are, how its
 encoder runs in two pieces (a frozen, cacheable prefix and the rest), what its attention
 projections are called, where its decoder's cross-attention sits and which speed paths of
 ``vqadapt.speed`` it supports. A vision family says where its layers are and whether its patch
-embeddings run apart from the layers (so that vision LoRA can cache them).
+embeddings run apart from the layers (so that vision LoRA can cache them) and what runs before
+its layers.
 
 Adding a family is one class here, registered in ``TEXT_FAMILIES`` / ``VISION_FAMILIES``. Every
 text family must run its encoder in two pieces: a model whose prefix cannot be split off is not
@@ -58,6 +59,7 @@ class TextFamily:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     layers_path: ClassVar[str] = ""  # encoder layers, from the ``*ForConditionalGeneration`` root
+    decoder_layers_path: ClassVar[str] = ""  # decoder layers, from the same root
     projections: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")
     cross_attention: ClassVar[str | None] = None  # attribute of a decoder layer
     speed_paths: ClassVar[frozenset[str]] = frozenset()
@@ -126,6 +128,7 @@ class MBartFamily(TextFamily):
 
     model_types = ("mbart",)
     layers_path = "model.encoder.layers"
+    decoder_layers_path = "model.decoder.layers"
     cross_attention = "encoder_attn"
     speed_paths = frozenset(
         {PACKED_ENCODER, LEAN_DECODER, ABSORBED_CROSS_ATTENTION, HEAD_ON_LABELS}
@@ -160,6 +163,7 @@ class T5Family(TextFamily):
 
     model_types = ("t5", "mt5")
     layers_path = "encoder.block"
+    decoder_layers_path = "decoder.block"
     projections = ("q", "k", "v")
 
     def embed(self, text: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -201,6 +205,11 @@ class VisionFamily:
     layers_path: ClassVar[str] = "encoder.layer"
     projections: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")
     splittable: ClassVar[bool] = False
+    # What runs before the layers (frozen under last_n:N, trained under full only).
+    before_layers: ClassVar[tuple[str, ...]] = ("embeddings",)
+    # Parameters vqadapt never runs (masked-image token, pooler): never trained, so that the
+    # plan counts only what can get a gradient.
+    unused: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -224,6 +233,7 @@ class Dinov2Family(VisionFamily):
 
     model_types = ("dinov2", "dinov2_with_registers")
     splittable = True
+    unused = ("embeddings.mask_token",)
 
     def embed(self, vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return vision.embeddings(pixel_values)
@@ -235,11 +245,13 @@ class Dinov2Family(VisionFamily):
 class ViTFamily(VisionFamily):
     model_types = ("vit",)
     layers_path = "layers"  # transformers 5 keeps ViT's layers at the top
+    unused = ("embeddings.mask_token", "pooler.")
 
 
 class ClipVisionFamily(VisionFamily):
     model_types = ("clip_vision_model", "siglip_vision_model")
     layers_path = "encoder.layers"
+    before_layers = ("embeddings", "pre_layrnorm")
 
 
 TEXT_FAMILIES: tuple[type[TextFamily], ...] = (MBartFamily, BartFamily, T5Family)

@@ -21,12 +21,20 @@ onto a model by ``vqadapt.speed``, per device; a model built here alone runs the
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
+from vqadapt.backbones import (
+    TowerLayout,
+    decoder_layout,
+    get_submodule,
+    text_layout,
+    vision_layout,
+)
+from vqadapt.errors import VQAConfigError
 from vqadapt.families import TextFamily, VisionFamily, text_family, vision_family
 from vqadapt.losses import token_losses
 from vqadapt.speed import SpeedPaths
@@ -52,10 +60,13 @@ class Projector(nn.Module):
 def untie_decoder_embeddings(text: nn.Module) -> None:
     """Give the decoder (and LM head) their own copy of a shared input embedding.
 
-    MBart/BART/T5 share one embedding between encoder, decoder and ``lm_head``. The decoder
-    trains fully, so a shared matrix would move the encoder's input embedding too and a "frozen"
-    encoder would not be frozen. We copy it for the decoder side (decoder input embedding and
-    LM head stay tied to each other) and leave the encoder's copy frozen.
+    MBart/BART/T5 share one embedding between encoder, decoder and ``lm_head``. A decoder that
+    trains fully (the default) would move the encoder's input embedding through a shared matrix
+    and a "frozen" encoder would not be frozen. We copy it for the decoder side (decoder input
+    embedding and LM head stay tied to each other) and leave the encoder's copy with the
+    encoder. The decoder's copy (and the head tied to it) trains only with ``--text_decoder
+    full``; the copy is made whatever the choice, so that checkpoints and exports have one
+    layout.
     """
     encoder_embed = text.get_encoder().get_input_embeddings()
     decoder = text.get_decoder()
@@ -147,9 +158,16 @@ class VQAModel(nn.Module):
         )
         untie_decoder_embeddings(text)
         set_dropout(text.get_decoder(), dropout)
-        # Number of leading text-encoder layers that never train: set by adapt.apply_adaptation.
+        # Set by adapt.apply_adaptation: the leading text-encoder layers that never train (their
+        # output can be cached), whether the vision tower (or its patch embeddings) train, and
+        # the other modules with nothing trainable, which run in eval mode.
         self.text_cache_layers = 0
         self.vision_frozen = True
+        self.vision_embeddings_frozen = True
+        self.frozen_modules: list[nn.Module] = []
+        self.rewritten_weights: list[str] = []  # frozen weights the LoRA init changed (PiSSA)
+        # Towers whose layers recompute their activations in the backward pass.
+        self.checkpointed: tuple[str, ...] = ()
         # How the pieces run: the library's way until vqadapt.speed installs faster ones.
         self.encoder_runner = LibraryEncoder(self.text_family)
         self.teacher_forcing = TeacherForcing(self.text_family)
@@ -175,6 +193,53 @@ class VQAModel(nn.Module):
         return get_submodule(self.vision, self.vision_layout.layers_path)
 
     @property
+    def decoder_layout(self) -> TowerLayout:
+        return decoder_layout(self.text)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return get_submodule(self.text, self.text_family.decoder_layers_path)
+
+    def tower_layers(self, tower: str) -> nn.ModuleList | None:
+        """The layer stack of ``tower`` (None for the projector, or a blind model's vision)."""
+        if tower == "vision":
+            return self.vision_layers() if self.vision is not None else None
+        if tower == "text_encoder":
+            return self.text_encoder_layers()
+        if tower == "text_decoder":
+            return self.decoder_layers()
+        return None
+
+    def set_gradient_checkpointing(self, towers: tuple[str, ...]) -> None:
+        """Recompute the activations of every layer of ``towers`` in the backward pass instead
+        of keeping them (and stop doing so elsewhere).
+
+        transformers' layers carry the switch (``GradientCheckpointingLayer``): the library's
+        own loops check it, and so do vqadapt's speed paths (``speed.packed.run_layer``).
+        Non-reentrant checkpointing with the RNG state preserved: the recomputed dropout masks
+        are the ones of the forward pass, so the gradients are the same. As in transformers,
+        only layers in training mode recompute: a layer with nothing trainable runs in eval
+        mode and keeps its activations when the backward pass goes through it (a frozen
+        decoder under a trained encoder; the plan's estimate counts it so).
+        """
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        recompute = functools.partial(checkpoint, use_reentrant=False)
+        for tower in ("vision", "text_encoder", "text_decoder"):
+            layers = self.tower_layers(tower)
+            if layers is None:
+                continue
+            for layer in layers:
+                if not isinstance(layer, GradientCheckpointingLayer):
+                    raise VQAConfigError(
+                        f"the {tower} layers ({type(layer).__name__}) do not support gradient "
+                        "checkpointing"
+                    )
+                layer.gradient_checkpointing = tower in towers
+                layer._gradient_checkpointing_func = recompute
+        self.checkpointed = tuple(t for t in towers if self.tower_layers(t) is not None)
+
+    @property
     def vision_splittable(self) -> bool:
         """Whether the vision tower's embeddings run apart from its layers (DINOv2)."""
         return self.vision_family is not None and self.vision_family.splittable
@@ -184,12 +249,14 @@ class VQAModel(nn.Module):
         super().train(mode)
         if self.vision is not None and self.vision_frozen:
             self.vision.eval()
-        elif self.vision_splittable:
-            self.vision.embeddings.eval()  # never trained (cached with vision LoRA)
+        elif self.vision_splittable and self.vision_embeddings_frozen:
+            self.vision.embeddings.eval()  # not trained: cached when the layers train
         if self.text_cache_layers == self.text_layout.num_layers:
             self.text_encoder.eval()  # all of it, embeddings and final dropout included (T5)
         for layer in list(self.text_encoder_layers())[: self.text_cache_layers]:
             layer.eval()
+        for module in self.frozen_modules:  # a frozen decoder, projector, or layers of them
+            module.eval()
         return self
 
     # -- text encoder in two pieces -------------------------------------------------------
@@ -214,8 +281,8 @@ class VQAModel(nn.Module):
 
     # -- vision --------------------------------------------------------------------------
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch + position embeddings: never trained, so cached when the layers train (vision
-        LoRA) and only the layers run each step."""
+        """Patch + position embeddings: trained only under ``--vision_encoder full``, so cached
+        when the layers alone train (vision LoRA, last_n) and only the layers run each step."""
         assert self.vision_family is not None and self.vision_splittable
         return self.vision_family.embed(self.vision, pixel_values)
 

@@ -134,18 +134,45 @@ def inference_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(resolved, resolve_precision(precision, resolved))
 
 
+def trackers(report_to: str, run_dir: str | os.PathLike) -> list[Any]:
+    """accelerate's trackers for ``--report_to`` (its ``log_with``): TensorBoard into
+    ``run_dir/tensorboard/``, wandb and mlflow by name. A tracker whose package is missing is
+    refused here (accelerate would drop it without a word)."""
+    from accelerate.tracking import TensorBoardTracker
+    from accelerate.utils import is_mlflow_available, is_wandb_available
+
+    from vqadapt import menu
+
+    available = {"wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    out: list[Any] = []
+    for name in menu.parse_names(report_to, menu.TRACKERS, "report_to", none_ok=True):
+        if name == "tensorboard":
+            out.append(TensorBoardTracker("tensorboard", str(run_dir)))  # starts in init_trackers
+            continue
+        if not available[name]():
+            raise VQAConfigError(
+                f"--report_to {name} needs the {name} package: pip install 'vqadapt[{name}]' "
+                "(or leave it out of --report_to)"
+            )
+        out.append(name)
+    return out
+
+
 def training_runtime(
     device: str = "auto",
     precision: str = "auto",
     compile_model: bool = False,
     ddp_timeout_s: int = 1800,
+    log_with: list[Any] | None = None,
 ) -> Runtime:
     """accelerate's ``Accelerator`` for this process, as a ``Runtime``.
 
     Under ``accelerate launch`` each process gets its own GPU; ``--multi_gpu`` on a machine
     without GPUs gives CPU processes (gloo), never processes that each train alone and race on
     the run directory. ``ddp_timeout_s`` bounds how long a process waits at a collective (the
-    main process may be building the embedded backbones while the others wait).
+    main process may be building the embedded backbones while the others wait). ``log_with``:
+    the run's trackers (``trackers``), started by ``accelerator.init_trackers`` once the run
+    directory is claimed.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -167,6 +194,7 @@ def training_runtime(
         mixed_precision=resolved,
         cpu=cpu,
         dynamo_backend="inductor" if compile_model else "no",
+        log_with=log_with or None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=ddp_timeout_s))],
     )
     if accelerator.num_processes != launched:

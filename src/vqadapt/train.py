@@ -65,7 +65,7 @@ from vqadapt.loop import (
     set_rng_state,
 )
 from vqadapt.run_dir import RunDirectory, disk_full, now
-from vqadapt.runtime import Runtime, training_runtime
+from vqadapt.runtime import Runtime, trackers, training_runtime
 from vqadapt.weights import load_answer_weights, weight_for
 
 __all__ = ["epoch_batches", "evaluate_split", "make_optimizer", "process_share", "train"]
@@ -82,7 +82,9 @@ def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> 
     config.validate()
     started = time.perf_counter()
     t = config.train
-    runtime = training_runtime(t.device, t.mixed_precision, t.compile, t.ddp_timeout)
+    runtime = training_runtime(
+        t.device, t.mixed_precision, t.compile, t.ddp_timeout, trackers(t.report_to, t.output_dir)
+    )
     log = log if runtime.is_main else _silent  # one process speaks
     run = RunDirectory(t.output_dir, writer=runtime.is_main)
     try:
@@ -122,33 +124,35 @@ def fit_and_finish(
         state = restore(run, fit, runtime, resuming, log)
         where["checkpoint_epoch"] = state.epoch
         stopper = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, state)
-        with _tensorboard(run) as board:
-            for epoch in range(state.epoch + 1, t.epochs + 1):
-                where["phase"] = f"training epoch {epoch}"
-                record = train_epoch(fit, setup, state, epoch, config, runtime, run, board, log)
-                where["phase"] = f"validating epoch {epoch}"
-                val = evaluate_split(
-                    fit.raw_model, setup.data, "val", setup.tokenizer, config,
-                    setup.train_counts, setup.trie, runtime,
-                )  # fmt: skip
-                improved = stopper.update(epoch, val)
-                record = epoch_record(epoch, record, val, fit)
-                log(_epoch_line(record, improved))
-                where["phase"] = f"saving epoch {epoch}"
-                save_epoch(run, fit, setup, state, record, val, improved, runtime, board)
-                where["checkpoint_epoch"] = epoch
-                if stopper.should_stop:
-                    log(
-                        f"early stopping: no improvement of {t.early_stopping_metric} for "
-                        f"{state.bad_epochs} epochs"
-                    )
-                    break
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    log(f"stopping after epoch {epoch} (interruption requested)")
-                    return {"interrupted_after": epoch}
+        start_trackers(runtime, config, run, setup.plan)
+        for epoch in range(state.epoch + 1, t.epochs + 1):
+            where["phase"] = f"training epoch {epoch}"
+            record = train_epoch(fit, setup, state, epoch, config, runtime, run, log)
+            where["phase"] = f"validating epoch {epoch}"
+            val = evaluate_split(
+                fit.raw_model, setup.data, "val", setup.tokenizer, config,
+                setup.train_counts, setup.trie, runtime,
+            )  # fmt: skip
+            improved = stopper.update(epoch, val)
+            record = epoch_record(epoch, record, val, fit)
+            log(_epoch_line(record, improved))
+            where["phase"] = f"saving epoch {epoch}"
+            save_epoch(run, fit, setup, state, record, val, improved, runtime)
+            where["checkpoint_epoch"] = epoch
+            if stopper.should_stop:
+                log(
+                    f"early stopping: no improvement of {t.early_stopping_metric} for "
+                    f"{state.bad_epochs} epochs"
+                )
+                break
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                log(f"stopping after epoch {epoch} (interruption requested)")
+                _finish_trackers(runtime)
+                return {"interrupted_after": epoch}
         where["phase"] = "evaluating the best checkpoint"
         return finish(run, fit, setup, state, config, runtime, started, log)
     except Exception as err:
+        _finish_trackers(runtime)
         kept = run.kept(where["checkpoint_epoch"])
         explained = explain_failure(err, config, runtime, where["phase"], kept)
         recorded = run.failed(explained, kept)
@@ -194,6 +198,33 @@ def explain_failure(
             f"--resume. {kept}"
         )
     return err
+
+
+# -- trackers -------------------------------------------------------------------------------
+def start_trackers(runtime: Runtime, config: RunConfig, run: RunDirectory, plan) -> None:
+    """Start ``--report_to``'s trackers (accelerate's tracking API; the main process only)
+    with the run's settings and parameter counts as their configuration."""
+    if not runtime.accelerator.log_with:
+        return
+    values: dict[str, Any] = {}
+    for section in config.to_dict().values():
+        values.update({key: "null" if v is None else v for key, v in section.items()})
+    values.update(trainable_params=plan.trainable, total_params=plan.total)
+    runtime.accelerator.init_trackers(
+        "vqadapt",
+        config=values,
+        init_kwargs={
+            "wandb": {"name": run.path.name, "dir": str(run.path)},
+            "mlflow": {"run_name": run.path.name},
+        },
+    )
+
+
+def _finish_trackers(runtime: Runtime) -> None:
+    """Close the trackers of a run that ends early (their files complete, wandb synced)."""
+    for tracker in runtime.accelerator.trackers:
+        tracker.finish()
+    runtime.accelerator.trackers = []
 
 
 # -- claim ----------------------------------------------------------------------------------
@@ -376,13 +407,12 @@ def train_epoch(
     config: RunConfig,
     runtime: Runtime,
     run: RunDirectory,
-    board,
     log,
 ) -> dict[str, Any]:
     """One pass over the training set; returns the epoch's training statistics.
 
     Nothing in the loop reads a device value except every ``--log_every`` steps (progress,
-    TensorBoard, the non-finite check) and once at the end."""
+    the trackers, the non-finite check) and once at the end."""
     t = config.train
     accelerator = runtime.accelerator
     started = time.perf_counter()
@@ -428,10 +458,13 @@ def train_epoch(
             fit.step.check(epoch, str(run.last), state.epoch)
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{losses.recent_mean():.3f}")
-            if board is not None:
-                board.add_scalar("train/loss", float(value), state.step)
-                board.add_scalar("train/grad_norm", float(grad_norm), state.step)
-                board.add_scalar("train/lr", fit.scheduler.get_last_lr()[0], state.step)
+            if accelerator.trackers:
+                values = {
+                    "train/loss": float(value),
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": fit.scheduler.get_last_lr()[0],
+                }
+                accelerator.log(values, step=state.step)
     fit.step.check(epoch, str(run.last), state.epoch)
     mean, std = losses.summary()
     return {
@@ -492,7 +525,6 @@ def save_epoch(
     val: dict[str, Any],
     improved: bool,
     runtime: Runtime,
-    board,
 ) -> None:
     """The epoch's metrics line, then ``best/`` (if improved) and ``last/`` checkpoints."""
     rng_per_rank = gather_objects([rng_state()], runtime)
@@ -520,10 +552,10 @@ def save_epoch(
             fit.raw_model, run.last, training_state=training_state, base_models=bases,
             full_state=full_state,
         )  # fmt: skip
-        if board is not None:
-            for key in ("val_loss", "val_em", "val_f1"):
-                board.add_scalar(f"val/{key[4:]}", record[key], record["epoch"])
-            board.add_scalar("train/epoch_loss", record["train_loss"], record["epoch"])
+        # at the optimizer step, the one axis every tracker shares (wandb wants it rising)
+        values = {f"val/{key[4:]}": record[key] for key in ("val_loss", "val_em", "val_f1")}
+        values.update({"train/epoch_loss": record["train_loss"], "epoch": record["epoch"]})
+        runtime.accelerator.log(values, step=state.step)
     runtime.wait()  # checkpoints are on disk before any process reads them
 
 
@@ -620,18 +652,3 @@ def _progress(items, description: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=description, leave=False, dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _tensorboard(run: RunDirectory):
-    """A TensorBoard writer for the main process (None elsewhere), closed on the way out."""
-    if not run.writer:
-        yield None
-        return
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run.path / "tensorboard"))
-    try:
-        yield writer
-    finally:
-        writer.close()

@@ -270,7 +270,13 @@ def _coverage_table(table: list[dict]) -> list[Block]:
         "text-encoder coverage",
         "layers adapted",
     ]
-    return [Heading("Parameters and coverage"), Table(headers, rows)]
+    exact = "; ".join(
+        f"{r['experiment']} {r['trainable_params']:,}"
+        for r in table
+        if _finite(r["trainable_params"])
+    )
+    note = Para(f"Trainable parameters, exact (each cell's plan): {exact or 'none'}.")
+    return [Heading("Parameters and coverage"), Table(headers, rows), note]
 
 
 def _significance(rows: list[dict]) -> list[Block]:

@@ -89,6 +89,8 @@ def load_preset(name_or_path: str) -> Preset:
         merged_base = {**_mapping(parent, "base", path), **_mapping(values, "base", path)}
         values = {**parent, **values, "base": merged_base}
     listed = values.get("experiments") or []
+    if values.get("add_experiments"):  # appended to the experiments the preset extends
+        listed = [*listed, *values["add_experiments"]]
     if not isinstance(listed, list) or not all(isinstance(e, dict) and "name" in e for e in listed):
         raise VQAConfigError(f"{path}: experiments must be a list of mappings, each with a name")
     experiments = [
@@ -200,9 +202,12 @@ def expected_cost(config: RunConfig) -> float:
     run at once: every sample runs the decoder; text LoRA adds the text encoder's backward
     pass, vision LoRA the vision tower's too (in the quick study a vision + text LoRA cell takes
     about 4x the frozen baseline's time, a text LoRA cell about 2x)."""
-    adapt = config.adapt
-    per_sample = 1 + (adapt.unfreeze_encoder_layers > 0) + 2 * adapt.use_text_lora
-    per_sample += 4 * adapt.use_vision_lora
+    from vqadapt import menu
+
+    choices = menu.resolve(config.adapt)
+    text, vision = choices["text_encoder"], choices["vision"]
+    per_sample = 1 + (text.last_n > 0) + 2 * (text.lora or text.full)
+    per_sample += 4 * (not vision.frozen)
     samples = config.data.max_train_samples or 10**9
     return per_sample * config.train.epochs * samples
 

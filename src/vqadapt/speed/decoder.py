@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vqadapt.losses import token_losses
-from vqadapt.speed.packed import Dropout
+from vqadapt.speed.packed import Dropout, run_layer
 
 
 def _causal_self_attention(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,32 @@ def _causal_self_attention(attention: nn.Module, hidden: torch.Tensor) -> torch.
     return attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
 
 
+def decoder_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    states: torch.Tensor,
+    keys: torch.Tensor,
+    dropout: Dropout = F.dropout,
+) -> torch.Tensor:
+    """``MBartDecoderLayer.forward`` for a teacher-forced pass: causal self-attention,
+    cross-attention to ``states`` where ``keys`` (B, 1, 1, N) is True, feed-forward."""
+    drop = layer.dropout if layer.training else 0.0
+    residual = hidden
+    hidden = _causal_self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden))
+    hidden = residual + dropout(hidden, drop)
+    residual = hidden
+    hidden, _ = layer.encoder_attn(
+        hidden_states=layer.encoder_attn_layer_norm(hidden),
+        key_value_states=states,
+        attention_mask=keys,
+    )
+    hidden = residual + dropout(hidden, drop)
+    residual = hidden
+    hidden = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+    hidden = dropout(hidden, layer.activation_dropout if layer.training else 0.0)
+    return residual + dropout(layer.fc2(hidden), drop)
+
+
 def teacher_forced(
     decoder: nn.Module,
     input_ids: torch.Tensor,
@@ -54,21 +80,7 @@ def teacher_forced(
     hidden = dropout(hidden, decoder.dropout, decoder.training)
     keys = states_mask.bool()[:, None, None, :]
     for layer in decoder.layers:
-        drop = layer.dropout if layer.training else 0.0
-        residual = hidden
-        hidden = _causal_self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden))
-        hidden = residual + dropout(hidden, drop)
-        residual = hidden
-        hidden, _ = layer.encoder_attn(
-            hidden_states=layer.encoder_attn_layer_norm(hidden),
-            key_value_states=states,
-            attention_mask=keys,
-        )
-        hidden = residual + dropout(hidden, drop)
-        residual = hidden
-        hidden = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
-        hidden = dropout(hidden, layer.activation_dropout if layer.training else 0.0)
-        hidden = residual + dropout(layer.fc2(hidden), drop)
+        hidden = run_layer(decoder_layer, layer, hidden, states, keys, dropout)
     return decoder.layer_norm(hidden)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,6 +147,20 @@ def self_attention(
     return attention.out_proj(mixed)
 
 
+def run_layer(function: Callable[..., Any], layer: nn.Module, *args: Any) -> Any:
+    """``function(layer, *args)``, recomputed in the backward pass when ``layer`` asks for
+    gradient checkpointing (the switch transformers' layers carry, which
+    ``VQAModel.set_gradient_checkpointing`` sets), as the library's own call of the layer would
+    be: the speed paths run a layer's modules themselves, not its ``forward``."""
+    if (
+        getattr(layer, "gradient_checkpointing", False)
+        and layer.training
+        and torch.is_grad_enabled()
+    ):
+        return layer._gradient_checkpointing_func(function, layer, *args)
+    return function(layer, *args)
+
+
 def encoder_layer(
     layer: nn.Module, hidden: torch.Tensor, packing: Packing, dropout: Dropout = F.dropout
 ) -> torch.Tensor:
@@ -188,7 +203,7 @@ class PackedEncoder:
         packing = Packing.of(attention_mask)
         hidden = packing.gather(hidden)
         for layer in layers:
-            hidden = encoder_layer(layer, hidden, packing, self.dropout)
+            hidden = run_layer(encoder_layer, layer, hidden, packing, self.dropout)
         if final_norm:
             hidden = self.family.final_norm(text, hidden)
         return packing.scatter(hidden)
