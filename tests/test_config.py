@@ -570,3 +570,17 @@ def test_an_installed_wheel_finds_its_presets_outside_the_checkout(tmp_path: Pat
     assert study["base"]["epochs"] == 10  # from the shipped defaults.yaml
     report = (outside / "study" / "report.md").read_text(encoding="utf-8")
     assert str(site / "vqadapt" / "experiments" / "hypotheses.yaml") in report
+
+
+def test_a_runs_config_must_hold_every_setting(tmp_path: Path) -> None:
+    """A run's config.yaml is written whole: one that lacks a setting is damaged, and its
+    default would rebuild another model than the one trained."""
+    path = tmp_path / "config.yaml"
+    RunConfig().save(path)
+    assert RunConfig.load(path, complete=True) == RunConfig()
+    path.write_text(path.read_text(encoding="utf-8").replace("  batch_size: 32\n", ""))
+    assert RunConfig.load(path).train.batch_size == 32  # a settings file may leave it out
+    with pytest.raises(
+        VQAConfigError, match=r"config.yaml: damaged.*1 settings missing \(batch_size\)"
+    ):
+        RunConfig.load(path, complete=True)

@@ -446,8 +446,20 @@ class RunConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(load_yaml(path), source=path)
+    def load(cls, path: str | Path, complete: bool = False) -> RunConfig:
+        """Read a settings file; with ``complete`` (a run's own config.yaml, which ``save``
+        writes whole) every setting must be there: a missing one means a damaged file, and
+        filling it with its default would resume or evaluate another run than was trained."""
+        values = load_yaml(path)
+        if complete:
+            missing = sorted(set(settings()) - set(flatten_config(values)))
+            if missing:
+                shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+                raise VQAConfigError(
+                    f"{path}: damaged, or written by an older vqadapt: {len(missing)} settings "
+                    f"missing ({shown})"
+                )
+        return cls.from_dict(values, source=path)
 
 
 @functools.cache

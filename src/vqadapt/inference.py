@@ -64,7 +64,7 @@ def load_run(
         raise VQAConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     if not (run_dir / checkpoint / "trained.safetensors").is_file():
         raise VQAConfigError(f"{run_dir} has no complete '{checkpoint}' checkpoint")
-    config = RunConfig.load(run_dir / "config.yaml")
+    config = RunConfig.load(run_dir / "config.yaml", complete=True)
     config.model.trust_remote_code = trust_remote_code
     bases = run_backbones(run_dir)
     if bases is None:

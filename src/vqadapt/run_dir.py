@@ -213,7 +213,7 @@ class RunDirectory:
                         f"({'it does not exist' if not out.exists() else 'nothing was trained there'})"
                         "; start it without --resume"
                     )
-                saved = RunConfig.load(out / "config.yaml")
+                saved = RunConfig.load(out / "config.yaml", complete=True)
                 diffs = settings_diff(saved, config)
                 if diffs:
                     raise VQAConfigError(
