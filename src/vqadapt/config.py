@@ -451,15 +451,15 @@ class RunConfig:
         writes whole) every setting must be there: a missing one means a damaged file, and
         filling it with its default would resume or evaluate another run than was trained."""
         values = load_yaml(path)
-        if complete:
-            missing = sorted(set(settings()) - set(flatten_config(values)))
-            if missing:
-                shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-                raise VQAConfigError(
-                    f"{path}: damaged, or written by an older vqadapt: {len(missing)} settings "
-                    f"missing ({shown})"
-                )
-        return cls.from_dict(values, source=path)
+        config = cls.from_dict(values, source=path)  # a wrong value is named first
+        missing = sorted(set(settings()) - set(flatten_config(values))) if complete else []
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise VQAConfigError(
+                f"{path}: damaged, or written by an older vqadapt: {len(missing)} settings "
+                f"missing ({shown})"
+            )
+        return config
 
 
 @functools.cache
