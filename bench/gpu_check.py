@@ -320,6 +320,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--no_paths", action="store_true", help="skip the speed-path A/B")
+    parser.add_argument("--paths_only", action="store_true", help="only the speed-path A/B")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
     parser.add_argument("--out", default="bench/results/gpu_check.json")
     args = parser.parse_args()
@@ -337,7 +338,7 @@ def main() -> None:
         flush=True,
     )
     rows = []
-    for strategy in args.strategies:
+    for strategy in [] if args.paths_only else args.strategies:
         rows += measure_strategy(strategy, shapes, args.batch_sizes, args.steps, device, peak)
     summary = summarise(rows)
     print("\nvqadapt / plain loop:")
