@@ -205,10 +205,9 @@ class OptimizerStep:
         self.steps = 0  # optimizer steps taken (or skipped) since construction
         self.reset_epoch()
 
-    def reset_epoch(self, device: torch.device | None = None) -> None:
-        self.skipped: torch.Tensor | None = None
+    def reset_epoch(self) -> None:
+        self.skipped: torch.Tensor | None = None  # steps skipped this epoch (device scalar)
         self.first_bad: torch.Tensor | None = None  # the first non-finite step (-1: none)
-        self._epoch_start = self.steps
 
     def __call__(self, loss_value: torch.Tensor) -> torch.Tensor:
         """One optimizer step after the micro-batches' backward passes; ``loss_value`` is the
