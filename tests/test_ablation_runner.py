@@ -219,7 +219,7 @@ def test_jobs_must_be_positive(tmp_path: Path, vqa_env) -> None:
     preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
     result = ablate("--preset", str(preset), "--out", str(tmp_path / "s"), "--jobs", "0")
     assert result.returncode == 2
-    assert "--jobs must be >= 1" in result.stderr
+    assert "--jobs: must be between 1 and 256 (got 0)" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
@@ -248,3 +248,21 @@ def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_en
     # A rerun with another largest fraction would mix main studies: refused.
     again = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5")
     assert again.returncode == 2 and "largest training fraction" in again.stderr
+
+
+def test_a_hand_run_lora_r8_is_the_study_s_lora_r8_cell(tmp_path) -> None:
+    """`--use_text_lora --text_lora_r 8` and the seed preset's lora_r8 cell train the same
+    LoRA (alpha 2r by default, issue 17): their resolved LoRA settings are equal."""
+    from vqadapt import menu
+    from vqadapt.ablation.runner import cell_config, load_preset
+    from vqadapt.config import parse_run_config
+
+    preset = load_preset("seed")
+    for rank in (8, 16, 32):
+        experiment = next(e for e in preset.experiments if e.name == f"lora_r{rank}")
+        cell = cell_config(preset, experiment, 0, tmp_path / f"r{rank}", {})
+        hand = parse_run_config(["--use_text_lora", "--text_lora_r", str(rank)])
+        assert menu.lora_spec(cell.adapt, "text_encoder") == menu.lora_spec(
+            hand.adapt, "text_encoder"
+        )
+        assert menu.lora_spec(hand.adapt, "text_encoder").alpha == 2 * rank

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vqadapt.adapt import AdaptationPlan, apply_adaptation
+from vqadapt import menu, speed
+from vqadapt.adapt import ActivationShapes, AdaptationPlan, apply_adaptation
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -39,6 +40,8 @@ from vqadapt.data.pipeline import (
 )
 from vqadapt.errors import VQADataError
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime
+from vqadapt.speed import SpeedPaths
 
 Log = Callable[[str], None]
 
@@ -64,9 +67,10 @@ def resolve_backbones(config: RunConfig, log: Log) -> Backbones:
 
 
 def build_model(
-    config: RunConfig, backbones: Backbones
+    config: RunConfig, backbones: Backbones, device: torch.device | str = "cpu"
 ) -> tuple[VQAModel, AdaptationPlan, object, ImagePreprocessing | None]:
-    """Load the towers, assemble the model and decide what trains (seeded, so reproducible)."""
+    """Load the towers, assemble the model, decide what trains (seeded, so reproducible),
+    install the device's speed paths and move the model there."""
     check_adaptation(config, backbones)
     torch.manual_seed(config.train.seed)
     remote = config.model.trust_remote_code
@@ -75,8 +79,32 @@ def build_model(
     vision = load_vision(backbones.vision, remote) if backbones.vision else None
     preprocessing = load_image_preprocessing(backbones.vision) if backbones.vision else None
     model = VQAModel(vision, text, dropout=config.train.dropout)
-    plan = apply_adaptation(model, config.adapt, blind=config.model.blind)
-    return model, plan, tokenizer, preprocessing
+    t = config.train
+    if t.gradient_checkpointing:
+        towers = menu.parse_names(
+            t.gradient_checkpointing_towers, menu.CHECKPOINTABLE, "gradient_checkpointing_towers"
+        )
+        model.set_gradient_checkpointing(towers)
+    shapes = ActivationShapes.for_model(
+        model,
+        batch=t.batch_size,
+        question_tokens=config.data.max_question_tokens,
+        answer_tokens=config.data.max_answer_tokens,
+        image_size=preprocessing.crop if preprocessing else None,
+        precision=activation_precision(t.mixed_precision, torch.device(device)),
+    )
+    plan = apply_adaptation(model, config.adapt, blind=config.model.blind, shapes=shapes)
+    speed.install(model, SpeedPaths.parse(t.speed_paths, device))
+    return model.to(device), plan, tokenizer, preprocessing
+
+
+def activation_precision(setting: str, device: torch.device) -> str:
+    """The precision activations take under ``--mixed_precision setting`` on ``device`` (auto:
+    bf16 on a CUDA GPU that supports it, else fp32), for the plan's memory estimate."""
+    if setting != "auto":
+        return setting
+    cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if cuda else "no"
 
 
 def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
@@ -122,7 +150,12 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
     )
     memo = cache_root() / "checks" / f"{key}.json"
     if memo.is_file():
-        return json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+        try:  # a damaged memo (truncated, zeroed, foreign) is only a reason to check again
+            skipped = json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+            if isinstance(skipped, list) and all(isinstance(ref, str) for ref in skipped):
+                return skipped
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            pass
     report = check_dataset(
         files["train"],
         files["test"],
@@ -141,48 +174,40 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
         log(report.format(max_per_kind=5))
     from vqadapt.io import atomic_write_json
 
-    atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    try:
+        atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    except OSError as err:  # only a memo: the check ran, the run goes on
+        if memo.is_dir():
+            log(f"could not remember the data check in {memo} ({err.strerror})")
+        else:
+            raise
     return report.skipped_images
 
 
 def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
-    """Check layer counts and LoRA targets against the towers' config.json, before any weight
-    loads: the towers are built on the meta device (shapes only, no memory, no weights)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+    """Check every tower choice against the towers' config.json (layer counts, LoRA layers and
+    targets) before any weight loads: the model is assembled on the meta device (shapes only,
+    no memory, no weights) and ``adapt.check_choices`` looks at it."""
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
 
-    from vqadapt.backbones import (
-        check_source,
-        get_submodule,
-        resolve_targets,
-        text_layout,
-        vision_layout,
-    )
-    from vqadapt.errors import VQAConfigError
+    from vqadapt.adapt import check_choices
+    from vqadapt.backbones import load_config, loading
 
-    adapt, remote = config.adapt, config.model.trust_remote_code
-    check_source(backbones.text, "text model")
+    remote = config.model.trust_remote_code
+    text_config = load_config(backbones.text, "text model", remote)
+    vision_config = None
+    if backbones.vision:
+        vision_config = load_config(backbones.vision, "vision model", remote)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
     with torch.device("meta"):
-        text = AutoModelForSeq2SeqLM.from_config(
-            AutoConfig.from_pretrained(backbones.text, trust_remote_code=remote)
-        )
-        layout = text_layout(text)
-        if adapt.unfreeze_encoder_layers > layout.num_layers:
-            raise VQAConfigError(
-                f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers} is out of range: the "
-                f"text encoder has {layout.num_layers} layers"
-            )
-        if adapt.use_text_lora:
-            first = get_submodule(text, layout.layers_path)[0]
-            resolve_targets(adapt.text_lora_targets, layout, first)
-        if adapt.use_vision_lora and backbones.vision:
-            check_source(backbones.vision, "vision model")
-            vision_config = AutoConfig.from_pretrained(backbones.vision, trust_remote_code=remote)
-            vision_config = getattr(vision_config, "vision_config", vision_config)
-            vision = AutoModel.from_config(vision_config)
-            layout = vision_layout(vision)
-            resolve_targets(
-                adapt.vision_lora_targets, layout, get_submodule(vision, layout.layers_path)[0]
-            )
+        with loading(backbones.text, "text model"):
+            text = AutoModelForSeq2SeqLM.from_config(text_config, trust_remote_code=remote)
+        vision = None
+        if vision_config is not None:
+            with loading(backbones.vision, "vision model"):
+                vision = AutoModel.from_config(vision_config, trust_remote_code=remote)
+        model = VQAModel(vision, text)
+    check_choices(model, config.adapt, menu.resolve(config.adapt))
 
 
 @dataclass
@@ -203,7 +228,11 @@ def build_data(
     answer_weight=None,
     log: Log = print,
     splits: Splits | None = None,
+    runtime: Runtime | None = None,
 ) -> DataBundle:
+    """Tokenised splits, image slots, the frozen parts' caches (computed on the model's
+    device, under the runtime's precision) and a collator per split."""
+    runtime = runtime or Runtime(next(model.parameters()).device, "no")
     splits = splits or load_splits(config.data, backbones.embedded_data)
     blind = model.vision is None
     index = None
@@ -225,18 +254,20 @@ def build_data(
     features = FeatureSources()
     if config.train.cache:
         fill_caches(
-            config, model, tokenizer, preprocessing, backbones, images, encoded, features, log
-        )
+            config, model, tokenizer, preprocessing, backbones, images, encoded, features, log,
+            runtime,
+        )  # fmt: skip
     pad = tokenizer.pad_token_id
     start = model.decoder_start_token_id
+    multiple = model.speed_paths.length_multiple
     collators = {
-        name: Collator(name, enc, pad, start, images, preprocessing, features, blind)
+        name: Collator(name, enc, pad, start, images, preprocessing, features, blind, multiple)
         for name, enc in encoded.items()
     }
     return DataBundle(splits, encoded, images, features, collators)
 
 
-def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=False):
+def _vision_cache(model, images, preprocessing, folder, log, runtime, embeddings_only=False):
     """Every image's frozen vision tokens, or with ``embeddings_only`` its frozen patch
     embeddings (vision LoRA), read from the cache or computed and stored."""
     kind = "vision_embeddings" if embeddings_only else "vision"
@@ -246,13 +277,14 @@ def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=Fal
         weights=weights_digest(model.vision.embeddings if embeddings_only else model.vision),
         preprocessing=preprocessing.to_dict(),
         images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
+        compute=f"{runtime.device.type}/{runtime.precision}",  # values differ by kernel / dtype
     )
     tensors = cached_or_compute(
         folder / f"{kind.replace('_', '-')}-{key}.safetensors",
         key,
         lambda: {
             name: vision_features(
-                model, images.pixels(), preprocessing, embeddings_only=embeddings_only
+                model, images.pixels(), preprocessing, runtime, embeddings_only=embeddings_only
             )
         },
         log,
@@ -261,7 +293,7 @@ def _vision_cache(model, images, preprocessing, folder, log, embeddings_only=Fal
 
 
 def fill_caches(
-    config, model, tokenizer, preprocessing, backbones, images, encoded, features, log
+    config, model, tokenizer, preprocessing, backbones, images, encoded, features, log, runtime
 ) -> None:
     """Run the frozen parts once and keep their outputs (see cache.py)."""
     from vqadapt.embedded import cache_root
@@ -269,14 +301,14 @@ def fill_caches(
     folder = cache_root() / "features"
     if model.vision is not None and model.vision_frozen and images.paths:
         log(f"vision tower frozen: caching features of {len(images.paths)} images")
-        features.vision_features = _vision_cache(model, images, preprocessing, folder, log)
-    elif model.vision_splittable and images.paths:
+        features.vision_features = _vision_cache(model, images, preprocessing, folder, log, runtime)
+    elif model.vision_splittable and model.vision_embeddings_frozen and images.paths:
         log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
         features.vision_embeddings = _vision_cache(
-            model, images, preprocessing, folder, log, embeddings_only=True
+            model, images, preprocessing, folder, log, runtime, embeddings_only=True
         )
     layers = model.text_cache_layers
-    if layers > 0 and (model.splittable or layers == model.text_layout.num_layers):
+    if layers > 0:
         encoder_digest = weights_digest(model.text_encoder)
         for name, enc in encoded.items():
             if not len(enc):
@@ -286,12 +318,13 @@ def fill_caches(
                 weights=encoder_digest,
                 layers=layers,
                 inputs=[ids.tolist() for ids in enc.input_ids],
+                compute=f"{runtime.device.type}/{runtime.precision}",
             )
             tensors = cached_or_compute(
                 folder / f"text-{key}.safetensors",
                 key,
                 lambda enc=enc: pack(
-                    text_prefix_states(model, enc.input_ids, tokenizer.pad_token_id)
+                    text_prefix_states(model, enc.input_ids, tokenizer.pad_token_id, runtime)
                 ),
                 log,
             )
@@ -299,8 +332,4 @@ def fill_caches(
         log(
             f"text encoder: first {layers} of {model.text_layout.num_layers} layers frozen, "
             "their output cached"
-        )
-    elif layers > 0:
-        log(
-            f"text prefix caching is not available for {model.text_layout.family}: running it every step"
         )

@@ -92,36 +92,51 @@ def cached_or_compute(
 
 @torch.no_grad()
 def vision_features(
-    model, pixels: torch.Tensor, preprocessing, batch_size: int = 64, embeddings_only=False
+    model,
+    pixels: torch.Tensor,
+    preprocessing,
+    runtime=None,
+    batch_size: int = 64,
+    embeddings_only=False,
 ) -> torch.Tensor:
-    """Frozen vision tokens for every image (eval mode); with ``embeddings_only``, the frozen
-    patch + position embeddings the trainable layers start from (vision LoRA)."""
+    """Frozen vision tokens for every image (eval mode, on the runtime's device and under its
+    precision); with ``embeddings_only``, the frozen patch + position embeddings the trainable
+    layers start from (vision LoRA)."""
+    from vqadapt.evaluate import model_runtime
+
+    runtime = runtime or model_runtime(model)
     was_training = model.training
     model.eval()
     run = model.embed_image if embeddings_only else model.encode_image
     chunks = []
     for start in range(0, len(pixels), batch_size):
-        chunk = preprocessing.normalise(pixels[start : start + batch_size])
-        chunks.append(run(chunk).float())
+        chunk = runtime.move({"pixels": pixels[start : start + batch_size]})["pixels"]
+        with runtime.autocast():
+            chunks.append(run(preprocessing.normalise(chunk)).float().cpu())
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
 @torch.no_grad()
 def text_prefix_states(
-    model, input_ids: Sequence[torch.Tensor], pad_id: int, batch_size: int = 256
+    model, input_ids: Sequence[torch.Tensor], pad_id: int, runtime=None, batch_size: int = 256
 ) -> list[torch.Tensor]:
-    """Hidden states after the frozen text-encoder prefix, one (length, d) tensor per question."""
+    """Hidden states after the frozen text-encoder prefix, one (length, d) tensor per question
+    (computed on the runtime's device, under its precision)."""
     from torch.nn.utils.rnn import pad_sequence
 
+    from vqadapt.evaluate import model_runtime
+
+    runtime = runtime or model_runtime(model)
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     for start in range(0, len(input_ids), batch_size):
         ids = list(input_ids[start : start + batch_size])
         batch = pad_sequence(ids, batch_first=True, padding_value=pad_id)
-        mask = (batch != pad_id).long()
-        states = model.encode_text_prefix(batch, mask).float()
+        moved = runtime.move({"ids": batch, "mask": (batch != pad_id).long()})
+        with runtime.autocast():
+            states = model.encode_text_prefix(moved["ids"], moved["mask"]).float().cpu()
         out += [states[i, : len(ids[i])].clone() for i in range(len(ids))]
     model.train(was_training)
     return out

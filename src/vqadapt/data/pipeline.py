@@ -17,6 +17,7 @@ from vqadapt.data.images import ImageIndex, load_image
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
 from vqadapt.errors import VQADataError
+from vqadapt.speed import round_lengths
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
 
@@ -108,6 +109,8 @@ def encode_split(
     image_slot: Callable[[VQARecord], int],
     answer_weight: Callable[[str], float] | None = None,
 ) -> Encoded:
+    if not records:  # a split may be absent (no --test_file); tokenizers fail on an empty batch
+        return Encoded([], [], [], [], torch.zeros(0))
     questions = tokenizer([r.question for r in records], add_special_tokens=True)["input_ids"]
     answers = tokenizer([r.answer for r in records], add_special_tokens=True)["input_ids"]
     cut_q = sum(len(q) > data.max_question_tokens for q in questions)
@@ -145,10 +148,11 @@ class ImageStore:
         if self.index is None or record.image is None:
             return -1
         path = self.index.resolve_strict(record.image)
-        if path not in self.slots:
-            self.slots[path] = len(self.paths)
+        key = path.resolve()  # one slot per file, however it is referenced (a symlink too)
+        if key not in self.slots:
+            self.slots[key] = len(self.paths)
             self.paths.append(path)
-        return self.slots[path]
+        return self.slots[key]
 
     def pixels(self) -> torch.Tensor:
         """(N, 3, crop, crop) uint8 for every registered image."""
@@ -196,8 +200,10 @@ class Collator:
         preprocessing: ImagePreprocessing | None,
         features: FeatureSources,
         blind: bool,
+        length_multiple: int = 1,
     ) -> None:
         self.split, self.encoded, self.pad_id, self.start_id = split, encoded, pad_id, start_id
+        self.length_multiple = length_multiple  # static shape buckets (vqadapt.speed)
         self.images, self.preprocessing, self.features, self.blind = (
             images,
             preprocessing,
@@ -236,4 +242,4 @@ class Collator:
                 batch["vision_embeddings"] = self.features.vision_embeddings[slots]
             else:
                 batch["pixel_values"] = self.preprocessing.normalise(self.images.pixels()[slots])
-        return batch
+        return round_lengths(batch, self.length_multiple, self.pad_id)
