@@ -15,10 +15,11 @@ from pathlib import Path
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
 SYNTH_VERSION = "v2"
-"""Bumped when the generator's output changes (v2: fills, 1-4 larger shapes, subsets.csv)."""
+"""Bumped when the generator's output changes (v2: an isoluminant palette, grey backgrounds,
+1-4 larger shapes, yes/no questions, subsets.csv)."""
 TINY_VERSION = "v4"
-"""Bumped when the tiny backbones' recipe changes (v4: benchmark text only, colour-blind
-text encoder, fill-blind vision tower)."""
+"""Bumped when the tiny backbones' recipe changes (v4: benchmark text only, a text encoder
+blind to which of three shapes a question names, a colour-blind vision tower)."""
 
 
 def cache_root() -> Path:

@@ -756,7 +756,23 @@ def _recommendation(
     paragraphs = recommendation(study, table, efficiency, alpha)
     if not paragraphs:
         return []
-    blocks: list[Block] = [Heading("Recommendation"), *[Para(text) for text in paragraphs]]
+    blocks: list[Block] = [Heading("Recommendation")]
+    missed = [
+        control["id"]
+        for control in (hyp.check_controls(study, hypotheses) if hypotheses else [])
+        if control["detected"] is False
+    ]
+    if missed:
+        blocks.append(
+            Para(
+                f"Positive controls not detected ({', '.join(missed)}): this study could not "
+                "show a difference that was built into its data, so its ranking of the "
+                "strategies below rests on differences it cannot resolve. Read it as what was "
+                "measured, not as evidence for a choice.",
+                note=True,
+            )
+        )
+    blocks += [Para(text) for text in paragraphs]
     if study.synthetic:
         blocks.append(
             Para(

@@ -206,8 +206,9 @@ def _cell_dir(study_dir: Path, name: str, seed: int, fraction: float, main: floa
 
 
 def _load_subsets(experiments: list[ExperimentResult]) -> dict[str, str]:
-    """The control subset of each test question, from ``subsets.csv`` beside the test file
-    the cells read (synthetic sets write it); empty when there is none."""
+    """The control subset of each test question the cells were scored on (``max_eval_samples``
+    may keep only the first ones), from ``subsets.csv`` beside the test file the cells read
+    (synthetic sets write it); empty when there is none."""
     from vqadapt.data.synth import read_subsets
 
     for experiment in experiments:
@@ -216,7 +217,8 @@ def _load_subsets(experiments: list[ExperimentResult]) -> dict[str, str]:
             path = Path(test).parent / "subsets.csv" if test else None
             if path is not None and path.is_file():
                 rows = read_subsets(path).get("test", {})
-                return {qid: row["subset"] for qid, row in rows.items()}
+                scored = {str(p.get("id")) for p in run.predictions}
+                return {qid: row["subset"] for qid, row in rows.items() if qid in scored}
     return {}
 
 

@@ -518,7 +518,9 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
                         name += f" ({fraction:g} of the training questions)"
                     holder = lock_holder(cell)
                     if holder is not None:  # a cell of a killed runner that did not die with it
-                        log(f"{name}: still running in another process ({holder}), not started again")
+                        log(
+                            f"{name}: still running in another process ({holder}), not started again"
+                        )
                         continue
                     status = read_status(cell)
                     if status == "success":
