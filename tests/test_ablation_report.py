@@ -284,6 +284,10 @@ def test_recommendation_and_exact_counts_at_real_shapes(report: dict[str, Path])
     markdown = report["report.md"].read_text(encoding="utf-8")
     recommendation = markdown[markdown.index("## Recommendation") :]
     assert "Recommended: lora_r16" in recommendation
+    # the fake vision control is missed: the recommendation says so before anything else
+    assert recommendation.index("Positive controls not detected (vision_shift)") < (
+        recommendation.index("Recommended: lora_r16")
+    )
     # text LoRA r16 on BARTpho-syllable's q/k/v: 12 layers x 3 x 16 x (1024 + 1024)
     assert (
         "| lora_r16 | text LoRA r=16 alpha=32 | ~1.5M | 1,179,648 (0.79x the seed's figure)"
@@ -326,3 +330,16 @@ def test_running_and_missing_cells_are_listed(tmp_path: Path) -> None:
 def test_missing_study_json_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(VQADataError, match=r"study\.json"):
         load_study(tmp_path)
+
+
+def test_control_subsets_count_only_the_questions_scored(tmp_path: Path) -> None:
+    """A study scored on the first questions of a test set (max_eval_samples) counts its
+    control subsets over those questions, not over the whole subsets.csv."""
+    study_dir = build_fake_study(tmp_path / "study", n_questions=40)
+    subsets = study_dir / "data" / "subsets.csv"
+    with subsets.open("a", encoding="utf-8") as handle:
+        for i in range(40, 100):
+            handle.write(f"test,q{i:03d},colour,A,0,in_domain\n")
+    study = load_study(study_dir)
+    assert len(study.subsets) == 40
+    assert set(study.subsets) == {f"q{i:03d}" for i in range(40)}

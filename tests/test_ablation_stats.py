@@ -136,3 +136,69 @@ def test_combine_seeds() -> None:
     single = combine_seeds([0.4])
     assert (single["std"], single["ci"]) == (0.0, (0.4, 0.4))
     assert combine_seeds([])["n"] == 0
+
+
+# ---------------------------------------------------------------- power (issue 17)
+
+
+def test_student_t_against_table_values() -> None:
+    """Quantiles and p-values of Student's t match printed tables (no scipy here)."""
+    from vqadapt.ablation.stats import t_quantile, t_two_sided_p
+
+    for df, quantile in ((1, 12.7062), (2, 4.30265), (9, 2.26216), (30, 2.04227)):
+        assert t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-4)
+        assert t_two_sided_p(quantile, df) == pytest.approx(0.05, abs=1e-5)
+    assert t_quantile(0.8, 2) == pytest.approx(1.06066, abs=1e-4)
+    assert t_quantile(0.025, 9) == pytest.approx(-2.26216, abs=1e-4)
+    assert t_two_sided_p(0.0, 5) == pytest.approx(1.0)
+
+
+def test_minimum_detectable_effect_and_questions_needed() -> None:
+    """MDE = (z_0.975 + z_0.8) x SE = 2.8016 x SE; the questions needed for an effect of
+    exactly that size are the questions the SE came from."""
+    from vqadapt.ablation.stats import minimum_detectable_effect, units_needed
+
+    assert minimum_detectable_effect(1.0) == pytest.approx(2.8016, abs=1e-4)
+    sd, n = 0.4, 800
+    mde = minimum_detectable_effect(sd / math.sqrt(n))
+    assert units_needed(sd, mde) == pytest.approx(n)
+    assert units_needed(sd, mde / 2) == pytest.approx(4 * n)
+    assert units_needed(sd, 0.0) == math.inf
+
+
+def test_paired_t_test_by_hand_and_edge_cases() -> None:
+    from vqadapt.ablation.stats import paired_t_test
+
+    result = paired_t_test([1.0, 2.0, 3.0])  # mean 2, sd 1, t = 2 sqrt(3), df 2
+    assert result["t"] == pytest.approx(2 * math.sqrt(3))
+    assert result["p_value"] == pytest.approx(0.0742, abs=1e-3)
+    low, high = result["ci"]
+    assert low == pytest.approx(2 - 4.30265 / math.sqrt(3), abs=1e-3) and high > 2
+    assert math.isnan(paired_t_test([0.5])["p_value"])  # one seed: no test
+    assert paired_t_test([0.5, 0.5, 0.5])["p_value"] == 0.0  # no spread, not zero
+    assert paired_t_test([0.0, 0.0])["p_value"] == 1.0
+
+
+def test_seed_mde_falls_with_seeds_and_seeds_needed_inverts_it() -> None:
+    from vqadapt.ablation.stats import seed_mde, seeds_needed
+
+    mdes = [seed_mde(1.0, k) for k in (2, 3, 5, 10, 30)]
+    assert all(a > b for a, b in zip(mdes, mdes[1:], strict=False))
+    assert math.isnan(seed_mde(1.0, 1))
+    needed = seeds_needed(1.0, mdes[2])
+    assert needed == 5
+    assert seeds_needed(1.0, 0.0) is None
+
+
+def test_gap_difference_bootstrap_finds_a_larger_gap() -> None:
+    """A overfits more: same held-out losses as B, lower training losses."""
+    from vqadapt.ablation.stats import gap_difference_bootstrap
+
+    rng = np.random.default_rng(0)
+    held = rng.normal(1.0, 0.2, 400)
+    train_b = rng.normal(0.8, 0.2, 300)
+    result = gap_difference_bootstrap(held, held, train_b - 0.2, train_b, n_boot=2000)
+    assert result["diff"] == pytest.approx(0.2)
+    assert result["p_value"] < 0.01 and result["ci"][0] > 0.1
+    same = gap_difference_bootstrap(held, held, train_b, train_b, n_boot=2000)
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0
