@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -183,7 +184,7 @@ def test_seed_mde_falls_with_seeds_and_seeds_needed_inverts_it() -> None:
     from vqadapt.ablation.stats import seed_mde, seeds_needed
 
     mdes = [seed_mde(1.0, k) for k in (2, 3, 5, 10, 30)]
-    assert all(a > b for a, b in zip(mdes, mdes[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(mdes))
     assert math.isnan(seed_mde(1.0, 1))
     needed = seeds_needed(1.0, mdes[2])
     assert needed == 5
