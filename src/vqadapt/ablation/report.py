@@ -439,8 +439,8 @@ def _hypotheses(
 
 
 def _controls(study: res.Study, hypotheses: dict | None) -> list[Block]:
-    if not hypotheses or not hypotheses.get("controls"):
-        return []
+    if not hypotheses or not hypotheses.get("controls") or not study.subsets:
+        return []  # a data set without control subsets (real data) has no controls to test
     blocks: list[Block] = [
         Heading("Positive controls"),
         Para(
