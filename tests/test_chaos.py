@@ -140,7 +140,7 @@ def test_a_study_killed_at_random_points_ends_as_an_uninterrupted_one(vqa_env, t
     assert ablate(preset, chaotic).wait(timeout=600) == 0
     for name in ("baseline", "unfreeze2"):
         assert_same_results(straight / name / "seed0", chaotic / name / "seed0")
-    timing = ("second", "time", "per_s", "wall")
+    timing = ("second", "time", "per_s", "wall", "peak_rss", "cpu")  # measured, not computed
     straight_rows, chaotic_rows = (results(study) for study in (straight, chaotic))
     assert [row["experiment"] for row in chaotic_rows] == ["baseline", "unfreeze2"]
     for row_a, row_b in zip(straight_rows, chaotic_rows, strict=True):

@@ -263,11 +263,13 @@ def test_grad_norm_layers_text_lora(lora_run: Run) -> None:
 # number of steps: the same in every session). They pin the whole path: tokenizer,
 # initialisation, batch order, loss, optimiser and schedule. After an intended change there,
 # rerun and update them.
+# Updated for issue 17 (the benchmark's synthetic set v2 and tiny backbones v4: another
+# pretraining text, so another vocabulary, and the blind spots).
 GOLDEN_BASELINE_LOSSES = [
-    (2.5502620935440063, 1.6973552703857422),  # epoch 1: train_loss, val_loss
-    (1.3916891142725945, 1.6072185039520264),  # epoch 2
+    (2.476831652224064, 1.5997477769851685),  # epoch 1: train_loss, val_loss
+    (1.5050566345453262, 1.3618884086608887),  # epoch 2
 ]
-GOLDEN_BASELINE_PARAMS = {"total": 3_021_056, "vision": 880_640, "projector": 33_536}
+GOLDEN_BASELINE_PARAMS = {"total": 3_021_312, "vision": 880_640, "projector": 33_536}
 
 
 def test_golden_baseline_run(baseline_run: Run) -> None:
