@@ -245,6 +245,15 @@ def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_en
     assert study["train_fractions"] == [0.5, 1.0]
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Data efficiency" in report and "| 24 questions | 48 questions |" in report
+    # A study stopped between a cell's training and its probe: the rerun scores the questions
+    # of the trained model, without training it again.
+    (main / "question_losses.json").unlink()
+    metrics = (main / "metrics.jsonl").read_text(encoding="utf-8")
+    rerun = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "scoring its questions" in rerun.stdout
+    assert (main / "question_losses.json").is_file()
+    assert (main / "metrics.jsonl").read_text(encoding="utf-8") == metrics
     # A rerun with another largest fraction would mix main studies: refused.
     again = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5")
     assert again.returncode == 2 and "largest training fraction" in again.stderr

@@ -1,4 +1,5 @@
-"""One ablation cell, in its own process: ``python -m vqadapt.ablation.cell --config cell.yaml``.
+"""One ablation cell, in its own process: ``python -m vqadapt.ablation.cell --config cell.yaml``
+(``--probe_only``: a cell that trained, whose probe was interrupted).
 
 Trains the run exactly as ``vqadapt train --config cell.yaml`` would, then scores the final
 model question by question (``probe.write_question_losses``) for the overfitting claims. A
@@ -20,11 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     from vqadapt.cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cli_main(["train", *argv])
-    except SystemExit as done:
-        if done.code not in (0, None):
-            return int(done.code) if isinstance(done.code, int) else 1
+    probe_only = "--probe_only" in argv  # trained before; only the probe was interrupted
+    argv = [arg for arg in argv if arg != "--probe_only"]
+    if not probe_only:
+        try:
+            cli_main(["train", *argv])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                return int(done.code) if isinstance(done.code, int) else 1
     from vqadapt.config import parse_run_config
 
     run_dir = Path(parse_run_config(argv).train.output_dir)

@@ -244,6 +244,8 @@ class Job:
     resume: bool
     threads: str | None = None
     """The thread count the job ran with (``OMP_NUM_THREADS`` it was given), for the record."""
+    probe_only: bool = False
+    """The cell trained but was stopped before its per-question losses were written."""
 
 
 def expected_cost(config: RunConfig) -> float:
@@ -306,6 +308,14 @@ class _Running:
 RESOURCES_FILE = "resources.json"
 
 
+def _probe_missing(cell: Path) -> bool:
+    """A finished cell whose per-question losses were never written (the study was stopped
+    between training and the probe; a probe that failed leaves ``probe_error.txt``)."""
+    from vqadapt.ablation.probe import LOSSES_FILE
+
+    return not (cell / LOSSES_FILE).is_file() and not (cell / "probe_error.txt").is_file()
+
+
 def reserve_cell(cell: Path) -> None:
     """Make ``cell`` a run folder (the marker) before the runner writes its own files there;
     a cell made before runs were marked (it holds the runner's ``cell.yaml``) is adopted."""
@@ -331,6 +341,7 @@ def _start(job: Job, environment: dict[str, str]) -> _Running:
         "vqadapt.ablation.cell",
         "--config",
         str(job.cell / "cell.yaml"),
+        *(["--probe_only"] if job.probe_only else []),
     ]
     log_file = open(job.cell / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
     process = subprocess.Popen(
@@ -523,6 +534,14 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
                         )
                         continue
                     status = read_status(cell)
+                    if status == "success" and _probe_missing(cell):
+                        log(f"{name}: trained before; scoring its questions (interrupted)")
+                        config = cell_config(
+                            preset, experiment, seed, cell, extra, samples[fraction]
+                        )
+                        job = Job(name, experiment.description, cell, config, True, probe_only=True)
+                        queue.append(job)
+                        continue
                     if status == "success":
                         log(f"{name}: done before, skipped")
                         continue
