@@ -1,0 +1,596 @@
+"""Sharded, compact, checksummed tensor caches on disk, read by row.
+
+A cache holds ``n`` items in order; item ``i`` is a block of ``lengths[i]`` rows of shape
+``row_shape`` (vision features: one (tokens, hidden) row per image; a text prefix: one (d,) row
+per token). Items are stored ``items_per_shard`` at a time, each shard one safetensors file with
+one tensor, ``data``, and in its metadata the cache key, the shard's index, the sha256 of its
+data and the rank that built it.
+
+- **Read by row with** ``os.preadv`` into a buffer the caller owns, never memory-mapped: the
+  pages of a mapped file that a process touches count in its resident set (RSS), so an epoch
+  over a mapped cache grows RSS to the cache's size; bytes read with ``pread`` land in the
+  kernel's page cache, which the kernel evicts under pressure and which is not the process's.
+- **Built per shard, each written atomically** (temporary file + rename): a killed build keeps
+  its finished shards and a rerun builds only the missing ones; a shard whose checksum, key or
+  size does not match is rebuilt alone.
+- **Several builders**: rank ``r`` of ``world`` owns the shards ``i % world == r`` and builds
+  those; a lock file per shard (``flock``) keeps two processes that build the same cache
+  without knowing of each other (two ablation cells, or ranks on machines that do not share
+  the folder) from building one shard twice. After the caller's barrier every process checks
+  that every shard is there, and builds what it cannot find (a folder not shared between
+  machines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from vqadapt.errors import VQAConfigError, VQATrainingError
+from vqadapt.io import atomic_write, atomic_write_json
+
+FORMAT_VERSION = "2"
+SHARD_TARGET_BYTES = 64 << 20  # items per shard: about this many bytes, within the bounds below
+MIN_ITEMS_PER_SHARD = 16
+MAX_ITEMS_PER_SHARD = 4096
+HEADER_ALLOWANCE = 4096  # bytes of safetensors header per shard, for the disk estimate
+LOCK_GROUP = 32  # shards locked and built together (bounds the open lock files)
+OPEN_FILES = 128  # shard files a reader keeps open
+FP16_OVERFLOW_MARKER = "fp16-overflow.json"
+FP16_MAX = torch.finfo(torch.float16).max
+_DTYPE_NAMES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.uint8: "U8",
+}
+
+Log = Callable[[str], None]
+Barrier = Callable[[], None]
+
+
+def _no_barrier() -> None:
+    return None
+
+
+def items_per_shard(row_bytes_per_item: float) -> int:
+    """A fixed number of items per shard, about ``SHARD_TARGET_BYTES`` each."""
+    wanted = int(SHARD_TARGET_BYTES // max(row_bytes_per_item, 1))
+    return max(MIN_ITEMS_PER_SHARD, min(MAX_ITEMS_PER_SHARD, wanted))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a cache lives and what it holds; every shard's place and size follow from it."""
+
+    folder: Path
+    key: str
+    lengths: np.ndarray  # (n,) rows per item
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+    items_per_shard: int
+    label: str = "cache"
+    offsets: np.ndarray = field(init=False, repr=False)  # (n + 1,) first row of each item
+
+    def __post_init__(self) -> None:
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        object.__setattr__(self, "lengths", lengths)
+        object.__setattr__(self, "offsets", np.concatenate([[0], np.cumsum(lengths)]))
+        if self.items_per_shard < 1:
+            raise ValueError("items_per_shard must be >= 1")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_items // self.items_per_shard)
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def values(self) -> int:
+        """Cached values in all (what ``bytes per value`` divides by)."""
+        return int(self.offsets[-1]) * int(np.prod(self.row_shape, dtype=np.int64))
+
+    def items(self, shard: int) -> range:
+        start = shard * self.items_per_shard
+        return range(start, min(self.n_items, start + self.items_per_shard))
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        items = self.items(shard)
+        return int(self.offsets[items.start]), int(self.offsets[items.stop])
+
+    def data_bytes(self, shard: int) -> int:
+        start, stop = self.shard_rows(shard)
+        return (stop - start) * self.row_bytes
+
+    def total_bytes(self) -> int:
+        return int(self.offsets[-1]) * self.row_bytes + self.n_shards * HEADER_ALLOWANCE
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+
+# -- one shard on disk -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardHeader:
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data in the file
+    data_bytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> ShardHeader | None:
+    """The shard's safetensors header, or None when missing or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > 1 << 24:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return None
+    try:
+        tensor = header["data"]
+        begin, end = tensor["data_offsets"]
+        return ShardHeader(
+            header.get("__metadata__", {}),
+            8 + size + int(begin),
+            int(end) - int(begin),
+            tensor["dtype"],
+            tuple(tensor["shape"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def present(spec: ShardSpec, shard: int) -> bool:
+    """A cheap check (header and size, no checksum): the shard is there and belongs here."""
+    path = spec.path(shard)
+    header = read_header(path)
+    if header is None:
+        return False
+    start, stop = spec.shard_rows(shard)
+    meta = header.metadata
+    return (
+        meta.get("key") == spec.key
+        and meta.get("version") == FORMAT_VERSION
+        and meta.get("shard") == str(shard)
+        and header.dtype == _DTYPE_NAMES[spec.dtype]
+        and header.shape == (stop - start, *spec.row_shape)
+        and header.data_bytes == spec.data_bytes(shard)
+        and _file_size(path) == header.data_start + header.data_bytes
+    )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def verify(spec: ShardSpec, shard: int) -> bool:
+    """The full check: ``present`` and the data's sha256 equals the one its header records."""
+    if not present(spec, shard):
+        return False
+    header = read_header(spec.path(shard))
+    assert header is not None
+    digest = hashlib.sha256()
+    try:
+        with open(spec.path(shard), "rb") as handle:
+            handle.seek(header.data_start)
+            remaining = header.data_bytes
+            while remaining:
+                chunk = handle.read(min(remaining, 8 << 20))
+                if not chunk:
+                    return False
+                digest.update(chunk)
+                remaining -= len(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == header.metadata.get("checksum")
+
+
+def built_by(spec: ShardSpec, shard: int) -> int | None:
+    """The rank that built a shard (from its header), or None."""
+    header = read_header(spec.path(shard))
+    return int(header.metadata["rank"]) if header and "rank" in header.metadata else None
+
+
+def write_shard(spec: ShardSpec, shard: int, data: torch.Tensor, rank: int = 0) -> None:
+    data = data.contiguous()
+    start, stop = spec.shard_rows(shard)
+    if tuple(data.shape) != (stop - start, *spec.row_shape) or data.dtype != spec.dtype:
+        raise ValueError(
+            f"{spec.label}: shard {shard} got {tuple(data.shape)} {data.dtype}, expected "
+            f"{(stop - start, *spec.row_shape)} {spec.dtype}"
+        )
+    checksum = hashlib.sha256(data.view(torch.uint8).numpy().reshape(-1).data).hexdigest()
+    meta = {
+        "key": spec.key,
+        "version": FORMAT_VERSION,
+        "shard": str(shard),
+        "checksum": checksum,
+        "rank": str(rank),
+    }
+    atomic_write(spec.path(shard), lambda tmp: save_file({"data": data}, str(tmp), metadata=meta))
+
+
+class ShardLock:
+    """An exclusive ``flock`` on ``<shard>.lock``: one builder per shard at a time."""
+
+    def __init__(self, spec: ShardSpec, shard: int) -> None:
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(spec.folder / f"shard-{shard:05d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self, blocking: bool) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- planning: what is missing, and is there room for it -------------------------------------
+def missing_shards(spec: ShardSpec) -> list[int]:
+    """Shards not on disk (cheap check: corrupt ones are found when their owner verifies)."""
+    return [shard for shard in range(spec.n_shards) if not present(spec, shard)]
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space of the file system that holds (or will hold) ``folder``."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def bytes_needed(spec: ShardSpec, missing: Sequence[int]) -> int:
+    return sum(spec.data_bytes(shard) + HEADER_ALLOWANCE for shard in missing)
+
+
+def check_disk(plans: Sequence[tuple[ShardSpec, list[int]]], log: Log) -> None:
+    """Print what the caches take on disk and what is left to write; refuse, before any work,
+    a disk that cannot hold it (plus one shard, the room to replace a corrupt one)."""
+    to_write = 0
+    for spec, missing in plans:
+        total = spec.total_bytes()
+        need = bytes_needed(spec, missing)
+        to_write += need
+        log(
+            f"{spec.label}: {spec.n_items:,} items in {spec.n_shards} shards of "
+            f"{spec.items_per_shard}, {human_bytes(total)}; "
+            + (f"{len(missing)} to build, {human_bytes(need)}" if missing else "all on disk")
+        )
+    if not to_write:
+        return
+    headroom = max(spec.data_bytes(0) + HEADER_ALLOWANCE for spec, _ in plans if spec.n_shards)
+    folder = plans[0][0].folder.parent
+    free = free_bytes(folder)
+    log(
+        f"feature caches: {to_write / 1e6:,.1f} MB to write under {folder}, {free / 1e6:,.0f} MB free"
+    )
+    if free < to_write + headroom:
+        raise VQAConfigError(
+            f"not enough disk space for the feature caches under {folder}: they need "
+            f"{human_bytes(to_write + headroom)} (including one shard of headroom), "
+            f"{human_bytes(free)} are free. Free some space, point $VQADAPT_CACHE at a larger "
+            "disk, or pass --no_cache"
+        )
+
+
+def human_bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- building --------------------------------------------------------------------------------
+class Fp16Overflow(Exception):
+    """A value beyond fp16's range: the cache is stored in bf16 instead."""
+
+
+def fp16_overflowed(folder: Path) -> bool:
+    return (folder / FP16_OVERFLOW_MARKER).is_file()
+
+
+Compute = Callable[[list[int]], Iterable[torch.Tensor]]
+"""``compute(items)`` yields the rows of ``items``, in order, in blocks of any size (rows along
+dim 0, on any device, any float dtype)."""
+
+
+def _write_shards(spec: ShardSpec, shards: list[int], compute: Compute, rank: int) -> None:
+    """Compute the items of ``shards`` (ascending) in one stream, writing each shard as soon as
+    its rows are complete: a forward batch may span shards, so batches stay large."""
+    if not shards:
+        return
+    items = [item for shard in shards for item in spec.items(shard)]
+    pending = iter(shards)
+    shard = next(pending)
+    start, stop = spec.shard_rows(shard)
+    buffer = torch.empty(stop - start, *spec.row_shape, dtype=spec.dtype)
+    filled = 0
+    for block in compute(items):
+        block = _to_storage(block, spec)
+        taken = 0
+        while taken < len(block):
+            count = min(len(block) - taken, len(buffer) - filled)
+            buffer[filled : filled + count] = block[taken : taken + count]
+            filled, taken = filled + count, taken + count
+            if filled == len(buffer):
+                write_shard(spec, shard, buffer, rank)
+                shard = next(pending, None)
+                if shard is None:
+                    if taken < len(block):
+                        raise ValueError(f"{spec.label}: compute yielded more rows than asked")
+                    return
+                start, stop = spec.shard_rows(shard)
+                buffer = torch.empty(stop - start, *spec.row_shape, dtype=spec.dtype)
+                filled = 0
+    raise ValueError(f"{spec.label}: compute yielded fewer rows than asked (shard {shard})")
+
+
+def _to_storage(block: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """Cast to the storage dtype on the block's device, refusing values that would not survive:
+    a finite value beyond fp16's range would silently become inf."""
+    stored = block.detach().to(spec.dtype)
+    if spec.dtype.is_floating_point and not bool(torch.isfinite(stored).all()):
+        if spec.dtype == torch.float16 and bool(torch.isfinite(block).all()):
+            raise Fp16Overflow(f"{spec.label}: |value| up to {block.abs().max().item():.4g}")
+        raise VQATrainingError(
+            f"{spec.label}: the frozen tower produced non-finite values; nothing was cached"
+        )
+    return stored.cpu().reshape(-1, *spec.row_shape)
+
+
+def _build_locked(
+    spec: ShardSpec, shards: Iterable[int], compute: Compute, rank: int, blocking: bool
+) -> tuple[list[int], list[int]]:
+    """Verify, and build where needed, ``shards`` under their locks, ``LOCK_GROUP`` at a time.
+    Returns (built, skipped because another process holds the lock)."""
+    built, busy = [], []
+    shards = list(shards)
+    for first in range(0, len(shards), LOCK_GROUP):
+        locks: list[ShardLock] = []
+        todo = []
+        try:
+            for shard in shards[first : first + LOCK_GROUP]:
+                lock = ShardLock(spec, shard)
+                if not lock.acquire(blocking):
+                    lock.release()
+                    busy.append(shard)
+                    continue
+                # Temporary files are written under the lock: one left now is from a killed build.
+                for torn in spec.folder.glob(f".{spec.path(shard).name}.*.tmp"):
+                    torn.unlink(missing_ok=True)
+                if verify(spec, shard):
+                    lock.release()
+                    continue
+                locks.append(lock)
+                todo.append(shard)
+            _write_shards(spec, todo, compute, rank)
+            built += todo
+        finally:
+            for lock in locks:
+                lock.release()
+    return built, busy
+
+
+@dataclass
+class BuildReport:
+    built: list[int]
+    overflowed: bool = False
+
+
+def build(
+    spec: ShardSpec,
+    compute: Compute,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Barrier = _no_barrier,
+    log: Log = print,
+) -> BuildReport:
+    """Make every shard of ``spec`` valid on disk; every process calls it (a collective).
+
+    Each process verifies and builds the shards it owns, then waits at ``barrier``, then builds
+    any shard it still cannot find. A value beyond fp16's range stops the build and leaves a
+    marker: every process returns ``overflowed`` and the caller builds a bf16 cache instead.
+    """
+    built: list[int] = []
+    overflowed = False
+    try:
+        mine, busy = _build_locked(
+            spec, range(rank, spec.n_shards, world), compute, rank, blocking=False
+        )
+        built += mine
+        built += _build_locked(spec, busy, compute, rank, blocking=True)[0]
+    except Fp16Overflow as err:
+        overflowed = True
+        atomic_write_json(spec.folder / FP16_OVERFLOW_MARKER, {"reason": str(err)})
+        log(f"{spec.label}: values beyond fp16's range ({err}): stored in bf16 instead")
+    barrier()
+    if overflowed or fp16_overflowed(spec.folder):
+        return BuildReport(built, overflowed=True)
+    left = missing_shards(spec)
+    if left:
+        try:
+            built += _build_locked(spec, left, compute, rank, blocking=True)[0]
+        except Fp16Overflow:
+            atomic_write_json(spec.folder / FP16_OVERFLOW_MARKER, {"reason": "fill-in"})
+            return BuildReport(built, overflowed=True)
+    if built:
+        log(f"{spec.label}: built shards {_ranges(built)}")
+    return BuildReport(sorted(built))
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    numbers = sorted(numbers)
+    parts, start = [], None
+    for i, value in enumerate(numbers):
+        if start is None:
+            start = value
+        if i + 1 == len(numbers) or numbers[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
+
+
+# -- reading ---------------------------------------------------------------------------------
+class RowReader:
+    """Rows of a built cache, read from disk by item; or, after ``keep_on(device)``, gathered
+    from one tensor held on that device.
+
+    Picklable (open files are dropped), so DataLoader workers can read too: ``pread`` takes
+    explicit offsets, so processes share nothing.
+    """
+
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.resident: torch.Tensor | None = None  # (total rows, *row_shape) on a device
+        self._files: OrderedDict[int, tuple[int, int]] = OrderedDict()  # shard -> (fd, start)
+
+    def __len__(self) -> int:
+        return self.spec.n_items
+
+    @property
+    def fixed_length(self) -> bool:
+        return bool((self.spec.lengths == 1).all())
+
+    def lengths(self, items: Sequence[int]) -> list[int]:
+        return [int(self.spec.lengths[i]) for i in items]
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec, "resident": None, "_files": OrderedDict()}
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._files.clear()
+
+    def _open(self, shard: int) -> tuple[int, int]:
+        found = self._files.get(shard)
+        if found is not None:
+            self._files.move_to_end(shard)
+            return found
+        header = read_header(self.spec.path(shard))
+        if header is None:
+            raise VQATrainingError(
+                f"{self.spec.label}: shard {self.spec.path(shard)} is unreadable"
+            )
+        fd = os.open(self.spec.path(shard), os.O_RDONLY)
+        self._files[shard] = (fd, header.data_start)
+        if len(self._files) > OPEN_FILES:
+            old_fd, _ = self._files.popitem(last=False)[1]
+            os.close(old_fd)
+        return fd, header.data_start
+
+    def _read_into(self, item: int, out: np.ndarray) -> None:
+        """Item ``item``'s bytes into ``out`` (a writable uint8 view of exactly that size)."""
+        spec = self.spec
+        shard = item // spec.items_per_shard
+        fd, data_start = self._open(shard)
+        first_row = int(spec.offsets[shard * spec.items_per_shard])
+        offset = data_start + (int(spec.offsets[item]) - first_row) * spec.row_bytes
+        done = 0
+        view = memoryview(out)
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], offset + done)
+            if count <= 0:
+                raise VQATrainingError(f"{spec.label}: shard {spec.path(shard)} is truncated")
+            done += count
+
+    def read_padded(self, items: Sequence[int]) -> torch.Tensor:
+        """(B, longest, *row_shape) in the storage dtype, zeros after each item's rows, read
+        from disk (a host tensor)."""
+        lengths = self.lengths(items)
+        longest = max(lengths, default=0)
+        out = torch.zeros(len(items), longest, *self.spec.row_shape, dtype=self.spec.dtype)
+        if not out.numel():
+            return out
+        raw = out.view(len(items), -1).view(torch.uint8).numpy()
+        row_bytes = self.spec.row_bytes
+        for position, (item, length) in enumerate(zip(items, lengths, strict=True)):
+            if length:
+                self._read_into(item, raw[position, : length * row_bytes])
+        return out
+
+    def gather_padded(self, items: Sequence[int]) -> torch.Tensor:
+        """The same from the device-held tensor (no host sync: indices are built on the host
+        and copied without blocking)."""
+        assert self.resident is not None
+        lengths = self.lengths(items)
+        longest = max(lengths, default=0)
+        starts = torch.tensor([int(self.spec.offsets[i]) for i in items], dtype=torch.long)
+        steps = torch.arange(longest)
+        valid = steps[None, :] < torch.tensor(lengths)[:, None]
+        rows = torch.where(valid, starts[:, None] + steps[None, :], 0)
+        device = self.resident.device
+        rows = rows.to(device, non_blocking=True)
+        valid = valid.to(device, non_blocking=True)
+        gathered = self.resident[rows]
+        shape = (*valid.shape, *([1] * len(self.spec.row_shape)))
+        return gathered * valid.view(shape).to(gathered.dtype)
+
+    def keep_on(self, device: torch.device, staging_pinned: bool = False) -> None:
+        """Load the whole cache into one tensor on ``device``, a shard at a time through one
+        staging buffer (pinned when ``staging_pinned``: the copies then do not block)."""
+        spec = self.spec
+        total = int(spec.offsets[-1])
+        resident = torch.empty(total, *spec.row_shape, dtype=spec.dtype, device=device)
+        for shard in range(spec.n_shards):
+            start, stop = spec.shard_rows(shard)
+            staging = torch.empty(stop - start, *spec.row_shape, dtype=spec.dtype)
+            if staging_pinned:
+                staging = staging.pin_memory()
+            raw = staging.view(stop - start, -1).view(torch.uint8).numpy().reshape(-1)
+            fd, data_start = self._open(shard)
+            view, done = memoryview(raw), 0
+            while done < len(view):
+                count = os.preadv(fd, [view[done:]], data_start + done)
+                if count <= 0:
+                    raise VQATrainingError(f"{spec.label}: shard {spec.path(shard)} is truncated")
+                done += count
+            resident[start:stop].copy_(staging, non_blocking=staging_pinned)
+        if staging_pinned and torch.accelerator.is_available():
+            torch.accelerator.synchronize()  # the staging buffers are freed on return
+        self.resident = resident
+
+
+def iterate_chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])
