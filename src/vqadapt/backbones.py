@@ -176,7 +176,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 class ImagePreprocessing:
     """Resize (shortest edge), centre crop and normalise, read from the model's image processor.
 
-    Done by hand (PIL + torch) so that the resized uint8 crop can be cached once per image.
+    Done by hand (PIL + torch): crops are decoded as uint8 in worker processes and normalised
+    where the tower runs.
     """
 
     resize: int
@@ -185,9 +186,9 @@ class ImagePreprocessing:
     std: tuple[float, float, float]
 
     def normalise(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> float, normalised."""
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        """(B, 3, H, W) uint8 -> float, normalised (on the pixels' device)."""
+        mean = torch.tensor(self.mean, device=pixels_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels_uint8.device).view(1, 3, 1, 1)
         return (pixels_uint8.float() / 255.0 - mean) / std
 
     def to_dict(self) -> dict:

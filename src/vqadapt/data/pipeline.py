@@ -1,22 +1,35 @@
-"""Records -> tokenised examples -> padded batches (with cached frozen features when present)."""
+"""Records -> tokenised examples -> padded batches (with cached frozen features when present).
+
+Nothing here holds pixels or features of the whole set: images are decoded per batch and cached
+rows are read per batch (``shards.RowReader``), so memory follows the batch, not the data set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vqadapt.backbones import ImagePreprocessing
 from vqadapt.config import DataConfig
 from vqadapt.data.formats import load_records
-from vqadapt.data.images import ImageIndex, load_image
+from vqadapt.data.images import ImageIndex
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
+from vqadapt.data.stream import (
+    PREFETCH,
+    crops_tensor,
+    default_workers,
+    is_accelerator,
+    own_generator,
+    prepare_crop,
+)
 from vqadapt.errors import VQADataError
+from vqadapt.shards import RowReader
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
 
@@ -132,14 +145,14 @@ def encode_split(
 
 
 class ImageStore:
-    """Decoded, resized, centre-cropped uint8 images, one slot per distinct image (decoded once)."""
+    """The distinct images of a run, one slot each; crops are decoded when asked for, never
+    all held in memory (``stream.image_stream`` decodes many in worker processes)."""
 
     def __init__(self, index: ImageIndex | None, preprocessing: ImagePreprocessing | None) -> None:
         self.index = index
         self.preprocessing = preprocessing
         self.slots: dict[Path, int] = {}
         self.paths: list[Path] = []
-        self._pixels: torch.Tensor | None = None
 
     def slot(self, record: VQARecord) -> int:
         if self.index is None or record.image is None:
@@ -150,41 +163,36 @@ class ImageStore:
             self.paths.append(path)
         return self.slots[path]
 
-    def pixels(self) -> torch.Tensor:
-        """(N, 3, crop, crop) uint8 for every registered image."""
-        if self._pixels is None or len(self._pixels) != len(self.paths):
-            assert self.preprocessing is not None
-            arrays = [self._prepare(path) for path in self.paths]
-            self._pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        return self._pixels
-
-    def _prepare(self, path: Path) -> np.ndarray:
-        from PIL import Image
-
-        prep = self.preprocessing
-        image = load_image(path)
-        width, height = image.size
-        scale = prep.resize / min(width, height)
-        size = (max(prep.crop, round(width * scale)), max(prep.crop, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - prep.crop) // 2, (size[1] - prep.crop) // 2
-        image = image.crop((left, top, left + prep.crop, top + prep.crop))
-        return np.asarray(image, dtype=np.uint8)
+    def crops(self, slots: Sequence[int]) -> torch.Tensor:
+        """(B, 3, crop, crop) uint8 of the images ``slots`` (each distinct one decoded once)."""
+        assert self.preprocessing is not None
+        decoded = {slot: prepare_crop(self.paths[slot], self.preprocessing) for slot in set(slots)}
+        return crops_tensor([decoded[slot] for slot in slots])
 
 
 @dataclass
 class FeatureSources:
-    """What a batch can take from caches instead of computing: filled in by ``cache.py``."""
+    """What a batch can take from caches instead of computing: filled in by ``cache.py``.
 
-    vision_features: torch.Tensor | None = None  # (num_images, tokens, hidden)
-    vision_embeddings: torch.Tensor | None = None  # (num_images, tokens, hidden): vision LoRA
-    text_prefix: dict[str, list[torch.Tensor]] = field(
-        default_factory=dict
-    )  # split -> per question
+    Each is a ``RowReader``: rows read from disk per batch, or gathered on the device when the
+    cache is held there (``keep_on``)."""
+
+    vision_features: RowReader | None = None  # per image: (tokens, hidden)
+    vision_embeddings: RowReader | None = None  # per image: (tokens, hidden), vision LoRA
+    text_prefix: dict[str, RowReader] = field(default_factory=dict)  # split -> per question
+
+    def readers(self) -> list[RowReader]:
+        found = [self.vision_features, self.vision_embeddings, *self.text_prefix.values()]
+        return [reader for reader in found if reader is not None]
 
 
 class Collator:
-    """Indices of one split -> a padded batch dict for ``VQAModel``."""
+    """Indices of one split -> a padded batch dict for ``VQAModel``.
+
+    ``collator(indices)`` makes one batch in this process (decoding its images, reading its
+    cached rows); ``collator.loader(batches, device=...)`` streams many, prepared ahead by
+    worker processes when images are decoded.
+    """
 
     def __init__(
         self,
@@ -196,6 +204,7 @@ class Collator:
         preprocessing: ImagePreprocessing | None,
         features: FeatureSources,
         blind: bool,
+        workers: int | None = None,
     ) -> None:
         self.split, self.encoded, self.pad_id, self.start_id = split, encoded, pad_id, start_id
         self.images, self.preprocessing, self.features, self.blind = (
@@ -204,8 +213,52 @@ class Collator:
             features,
             blind,
         )
+        self.workers = default_workers(self.decodes_images) if workers is None else workers
+        self._stream: DataLoader | None = None
+        self._stream_pinned = False
+        self._sampler = _Batches()
+
+    @property
+    def decodes_images(self) -> bool:
+        """Whether a batch needs its images decoded (no cached vision rows)."""
+        return not self.blind and (
+            self.features.vision_features is None and self.features.vision_embeddings is None
+        )
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None}  # a DataLoader does not pickle
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.host_batch(indices)
+        self._add_resident_rows(batch, indices)
+        return batch
+
+    def loader(
+        self, batches: Sequence[list[int]], *, device: torch.device | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``batches`` (lists of indices), in that order: host tensors (pinned
+        when ``device`` is an accelerator) plus the rows of caches held on a device, gathered
+        there. Worker processes (persistent over calls) prepare them ahead."""
+        pinned = is_accelerator(device)
+        if self._stream is None or self._stream_pinned != pinned:
+            self._stream = DataLoader(
+                _HostBatches(self),
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=self.workers,
+                pin_memory=pinned,
+                prefetch_factor=PREFETCH if self.workers else None,
+                persistent_workers=self.workers > 0,
+                generator=own_generator(),
+            )
+            self._stream_pinned = pinned
+        self._sampler.batches = [list(indices) for indices in batches]
+        for indices, batch in zip(self._sampler.batches, self._stream, strict=True):
+            self._add_resident_rows(batch, indices)
+            yield batch
+
+    def host_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Everything of the batch that is prepared on the host (all but device-held rows)."""
         enc = self.encoded
         input_ids = pad_sequence(
             [enc.input_ids[i] for i in indices], batch_first=True, padding_value=self.pad_id
@@ -226,14 +279,52 @@ class Collator:
             "weights": enc.weights[indices],
         }
         prefix = self.features.text_prefix.get(self.split)
-        if prefix is not None:
-            batch["text_prefix"] = pad_sequence([prefix[i] for i in indices], batch_first=True)
+        if prefix is not None and prefix.resident is None:
+            batch["text_prefix"] = prefix.read_padded(indices).float()
         if not self.blind:
-            slots = torch.tensor([enc.image_slots[i] for i in indices])
-            if self.features.vision_features is not None:
-                batch["vision_features"] = self.features.vision_features[slots]
-            elif self.features.vision_embeddings is not None:
-                batch["vision_embeddings"] = self.features.vision_embeddings[slots]
-            else:
-                batch["pixel_values"] = self.preprocessing.normalise(self.images.pixels()[slots])
+            slots = [enc.image_slots[i] for i in indices]
+            vision, name = self._vision_reader()
+            if vision is None:
+                pixels = self.images.crops(slots)
+                batch["pixel_values"] = self.preprocessing.normalise(pixels)
+            elif vision.resident is None:
+                batch[name] = vision.read_padded(slots)[:, 0].float()
         return batch
+
+    def _vision_reader(self) -> tuple[RowReader | None, str]:
+        if self.features.vision_features is not None:
+            return self.features.vision_features, "vision_features"
+        return self.features.vision_embeddings, "vision_embeddings"
+
+    def _add_resident_rows(self, batch: dict[str, torch.Tensor], indices: list[int]) -> None:
+        prefix = self.features.text_prefix.get(self.split)
+        if prefix is not None and prefix.resident is not None:
+            batch["text_prefix"] = prefix.gather_padded(indices).float()
+        vision, name = self._vision_reader()
+        if not self.blind and vision is not None and vision.resident is not None:
+            slots = [self.encoded.image_slots[i] for i in indices]
+            batch[name] = vision.gather_padded(slots)[:, 0].float()
+
+
+class _Batches(Sampler):
+    """The current call's batches (lists of indices): the DataLoader's sampler, so that its
+    persistent workers serve every call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _HostBatches(Dataset):
+    """``dataset[indices]`` is the host part of that batch (run in the DataLoader's workers)."""
+
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.collator.host_batch(indices)
