@@ -54,8 +54,8 @@ def predict(
     if trie is not None:
         kwargs["prefix_allowed_tokens_fn"] = lambda _, ids: trie.allowed(ids.tolist()[1:])
     order = list(range(n)) if indices is None else list(indices)
-    for start in range(0, len(order), batch_size):
-        batch = collator(order[start : start + batch_size])
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in collator.loader(chunks, device=_device_of(model)):
         generated = model.generate(batch, max_new_tokens=max_new_tokens, **kwargs)
         outputs += [
             text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -69,10 +69,14 @@ def summed_loss(model, collator, indices: Sequence[int], batch_size: int) -> flo
     model.eval()
     total = 0.0
     order = list(indices)
-    for start in range(0, len(order), batch_size):
-        batch = collator(order[start : start + batch_size])
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in collator.loader(chunks, device=_device_of(model)):
         total += model(batch, return_losses=True).sum().item()
     return total
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def mean_loss(model, collator, n: int, batch_size: int) -> float:

@@ -52,6 +52,7 @@ from vqadapt.evaluate import (
 from vqadapt.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision -> autocast
 
 
 def code_version() -> str:
@@ -299,6 +300,24 @@ def _train(
     with accelerator.main_process_first():
         setup = _assemble(config, out, main, log)
     backbones, model, plan, tokenizer = setup.backbones, setup.model, setup.plan, setup.tokenizer
+    # Every process builds its share of the feature-cache shards on its device, then reads
+    # them all (not under main_process_first: the processes build in parallel).
+    model.to(accelerator.device)
+    setup.data = build_data(
+        config,
+        model,
+        tokenizer,
+        setup.preprocessing,
+        backbones,
+        setup.answer_weight,
+        log,
+        setup.splits,
+        device=accelerator.device,
+        compute_dtype=COMPUTE_DTYPES.get(config.train.mixed_precision),
+        rank=rank,
+        world=world,
+        barrier=accelerator.wait_for_everyone,
+    )
     splits, data, skip_images = setup.splits, setup.data, setup.skip_images
     weights_report = setup.weights_report
     if rank:  # different dropout masks per process (rank 0 keeps the single-process stream)
@@ -369,14 +388,23 @@ def _train(
             batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
         else:
             batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
-        progress = _progress(batches, f"epoch {epoch}/{t.epochs}", t.progress and main)
-        for micro, indices in enumerate(progress):
+        shares = [process_share(indices, rank, world) for indices in batches]
+        # A process whose share is empty (a last batch smaller than the number of
+        # processes) still runs a step, on weight 0, so that the gradient all-reduce meets.
+        stream = data.loader(
+            "train",
+            [share or indices[:1] for share, indices in zip(shares, batches, strict=True)],
+            device=accelerator.device,
+        )
+        progress = _progress(
+            zip(shares, stream, strict=True),
+            f"epoch {epoch}/{t.epochs}",
+            t.progress and main,
+            total=len(batches),
+        )
+        for micro, (share, batch) in enumerate(progress):
             last_micro = micro == len(batches) - 1
             sync_step = (micro + 1) % t.gradient_accumulation_steps == 0 or last_micro
-            share = process_share(indices, rank, world)
-            # A process whose share is empty (a last batch smaller than the number of
-            # processes) still runs a step, on weight 0, so that the gradient all-reduce meets.
-            batch = data.collators["train"](share or indices[:1])
             if not share:
                 batch["weights"] = torch.zeros_like(batch["weights"])
             # Gradients are all-reduced only on the micro-batch that ends an accumulation.
@@ -555,10 +583,13 @@ class _Setup:
     data: Any
     skip_images: list[str]
     weights_report: dict[str, Any] | None
+    preprocessing: Any = None
+    answer_weight: Any = None
 
 
 def _assemble(config: RunConfig, out: Path, main: bool, log) -> _Setup:
-    """Data check, backbones, model (adapted), splits and batches with their caches."""
+    """Data check, backbones, model (adapted) and splits (the batches and caches come after,
+    built by every process: ``build_data``)."""
     from vqadapt import embedded
     from vqadapt.build import validate_data
     from vqadapt.data.pipeline import load_splits
@@ -582,10 +613,18 @@ def _assemble(config: RunConfig, out: Path, main: bool, log) -> _Setup:
             f"answer weights: {weights_report['covered']} training answers covered, "
             f"{weights_report['uncovered_answers']} not covered (weight 1)"
         )
-    data = build_data(
-        config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits
+    return _Setup(
+        backbones,
+        model,
+        plan,
+        tokenizer,
+        splits,
+        None,
+        skip_images,
+        weights_report,
+        preprocessing,
+        answer_weight,
     )
-    return _Setup(backbones, model, plan, tokenizer, splits, data, skip_images, weights_report)
 
 
 def evaluate_split(
@@ -652,12 +691,12 @@ def _bases(backbones) -> dict[str, str | None]:
     return {"vision": backbones.vision, "text": backbones.text}
 
 
-def _progress(items, description: str, enabled: bool):
+def _progress(items, description: str, enabled: bool, total: int | None = None):
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=description, leave=False, dynamic_ncols=True, total=total)
 
 
 def read_json(path: Path) -> dict[str, Any]:
