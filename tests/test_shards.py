@@ -62,6 +62,20 @@ def test_a_cache_reads_back_every_item(tmp_path: Path) -> None:
     assert build(layout, compute_rows(layout, again), log=quiet).built == [] and again == []
 
 
+def test_a_shard_is_a_plain_safetensors_file(tmp_path: Path) -> None:
+    """Written by hand as rows arrive, readable by the library (and any safetensors tool)."""
+    from safetensors import safe_open
+
+    layout, _ = built_cache(tmp_path / "c")
+    with safe_open(str(layout.path(2)), framework="pt") as handle:
+        data = handle.get_tensor("data")
+        meta = handle.metadata()
+    items = layout.items(2)
+    expected = torch.cat([expected_rows(i, int(layout.lengths[i])) for i in items])
+    assert data.dtype == torch.float16 and torch.equal(data.float(), expected)
+    assert meta["key"] == "test-key" and meta["shard"] == "2" and len(meta["checksum"]) == 64
+
+
 def test_two_bytes_per_value_on_disk(tmp_path: Path) -> None:
     layout, _ = built_cache(tmp_path / "c")
     on_disk = sum(layout.path(s).stat().st_size for s in range(N_SHARDS))
