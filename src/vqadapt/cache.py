@@ -45,8 +45,10 @@ from vqadapt.shards import (
 )
 
 FORMAT_VERSION = "2"
-VISION_BATCH = 256  # images per forward when building (the GPU wants large batches)
-TEXT_BATCH = 512  # questions per forward when building
+# Items per forward when building: large on an accelerator (it wants large batches), smaller
+# on the host, where a larger batch is no faster and its activations only raise peak memory.
+VISION_BATCH, HOST_VISION_BATCH = 256, 64
+TEXT_BATCH, HOST_TEXT_BATCH = 512, 128
 RESIDENT_FRACTION = 0.4  # of the device's free memory that caches may take to stay on it
 
 Log = Callable[[str], None]
@@ -302,11 +304,14 @@ def plan_caches(
     log: Log,
     *,
     shard_items: int | None = None,
-    vision_batch: int = VISION_BATCH,
-    text_batch: int = TEXT_BATCH,
+    vision_batch: int | None = None,
+    text_batch: int | None = None,
     workers: int | None = None,
 ) -> list[CacheJob]:
     """The caches this model's frozen parts allow (see ``model.text_cache_layers``)."""
+    on_accelerator = is_accelerator(precision.device)
+    vision_batch = vision_batch or (VISION_BATCH if on_accelerator else HOST_VISION_BATCH)
+    text_batch = text_batch or (TEXT_BATCH if on_accelerator else HOST_TEXT_BATCH)
     jobs = []
     if (
         model.vision is not None

@@ -98,13 +98,55 @@ def load_splits(
     return Splits(train, val, test, Path(image_root) if image_root else None, sources, skipped)
 
 
+class Ragged(Sequence[torch.Tensor]):
+    """Token-id sequences of different lengths in one flat tensor: ``ragged[i]`` is a view of
+    sequence ``i``. A list of small tensors costs about 1 kB per question in object overhead
+    (and tokenising a whole split at once leaves the allocator fragmented); this costs the ids."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]] = ()) -> None:
+        lengths = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.flat = torch.tensor([i for ids in sequences for i in ids], dtype=torch.long)
+
+    @classmethod
+    def join(cls, parts: Sequence[Ragged]) -> Ragged:
+        """One ``Ragged`` holding the sequences of ``parts``, in order."""
+        joined = cls()
+        if parts:
+            lengths = torch.cat([part.offsets.diff() for part in parts])
+            joined.offsets = torch.cat([joined.offsets, lengths.cumsum(0)])
+            joined.flat = torch.cat([part.flat for part in parts])
+        return joined
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.flat[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> list[int]:
+        return self.offsets.diff().tolist()
+
+
+ENCODE_CHUNK = 4096  # questions tokenised at a time (bounds the tokenizer's Python lists)
+
+
 @dataclass
 class Encoded:
-    """One split, tokenised: parallel lists."""
+    """One split, tokenised: parallel sequences."""
 
     records: list[VQARecord]
-    input_ids: list[torch.Tensor]
-    label_ids: list[torch.Tensor]
+    input_ids: Ragged
+    label_ids: Ragged
     image_slots: list[int]  # index into the image store, -1 when blind
     weights: torch.Tensor
     truncated_questions: int = 0
@@ -121,22 +163,25 @@ def encode_split(
     image_slot: Callable[[VQARecord], int],
     answer_weight: Callable[[str], float] | None = None,
 ) -> Encoded:
-    questions = tokenizer([r.question for r in records], add_special_tokens=True)["input_ids"]
-    answers = tokenizer([r.answer for r in records], add_special_tokens=True)["input_ids"]
-    cut_q = sum(len(q) > data.max_question_tokens for q in questions)
-    cut_a = sum(len(a) > data.max_answer_tokens for a in answers)
     eos = tokenizer.eos_token_id
 
-    def clip(ids: list[int], limit: int) -> torch.Tensor:
-        if len(ids) > limit:
-            ids = [*ids[: limit - 1], eos]
-        return torch.tensor(ids, dtype=torch.long)
+    def clip(ids: list[int], limit: int) -> list[int]:
+        return [*ids[: limit - 1], eos] if len(ids) > limit else ids
 
+    questions, answers, cut_q, cut_a = [], [], 0, 0
+    for start in range(0, len(records), ENCODE_CHUNK):
+        chunk = records[start : start + ENCODE_CHUNK]
+        q_ids = tokenizer([r.question for r in chunk], add_special_tokens=True)["input_ids"]
+        a_ids = tokenizer([r.answer for r in chunk], add_special_tokens=True)["input_ids"]
+        cut_q += sum(len(q) > data.max_question_tokens for q in q_ids)
+        cut_a += sum(len(a) > data.max_answer_tokens for a in a_ids)
+        questions.append(Ragged([clip(q, data.max_question_tokens) for q in q_ids]))
+        answers.append(Ragged([clip(a, data.max_answer_tokens) for a in a_ids]))
     weights = [answer_weight(r.answer) if answer_weight else 1.0 for r in records]
     return Encoded(
         records=list(records),
-        input_ids=[clip(q, data.max_question_tokens) for q in questions],
-        label_ids=[clip(a, data.max_answer_tokens) for a in answers],
+        input_ids=Ragged.join(questions),
+        label_ids=Ragged.join(answers),
         image_slots=[image_slot(r) for r in records],
         weights=torch.tensor(weights, dtype=torch.float32),
         truncated_questions=cut_q,
