@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vqadapt.io import atomic_write_json
 
-RESULTS = Path("bench/results")
+RESULTS = Path(os.environ.get("VQADAPT_BENCH_RESULTS", "bench/results"))
 
 # Real shapes (random-init backbones of issue 13): DINOv2-base at 224 px, BARTpho-syllable.
 REAL_VISION_TOKENS, REAL_VISION_HIDDEN = 257, 768
@@ -46,7 +46,7 @@ DATASETS = {
 
 
 def synth(n: int) -> Path:
-    folder = RESULTS / "data-scale" / f"shapes-n{n}"
+    folder = (RESULTS / "data-scale" / f"shapes-n{n}").resolve()
     if not (folder / "test.csv").is_file():
         subprocess.run(
             [sys.executable, "-m", "vqadapt", "data", "synth", "--out", str(folder), "--n", str(n)],
@@ -62,7 +62,10 @@ def child(args) -> None:
     from vqadapt import embedded
     from vqadapt.config import parse_run_config
 
-    tiny = embedded.ensure_tiny_backbones(log=lambda _: None)
+    if args.backbones:
+        tiny = {"vision": args.backbones[0], "text": args.backbones[1]}
+    else:
+        tiny = embedded.ensure_tiny_backbones(log=lambda _: None)
     out = Path(tempfile.mkdtemp(prefix="data-scale-run-"))
     flags = ["--train_file", str(args.data / "train.csv"), "--test_file"]
     flags += [str(args.data / "test.csv"), "--image_root", str(args.data / "images")]
@@ -114,14 +117,18 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def measure(n: int, eval_n: int) -> dict:
+def measure(n: int, eval_n: int, backbones: list[str] | None) -> dict:
     from vqadapt.embedded import cache_root
 
     data = synth(n)
     fresh = Path(tempfile.mkdtemp(prefix="data-scale-cache-"))
     for shared in ("data", "backbones"):  # an empty feature cache: the run builds it
-        (fresh / shared).symlink_to((cache_root() / shared).resolve(), target_is_directory=True)
+        if (cache_root() / shared).is_dir():
+            target = (cache_root() / shared).resolve()
+            (fresh / shared).symlink_to(target, target_is_directory=True)
     command = [sys.executable, __file__, "--child", str(data), "--eval", str(eval_n)]
+    if backbones:
+        command += ["--backbones", *backbones]
     env = {**os.environ, "VQADAPT_CACHE": str(fresh)}
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
@@ -149,7 +156,7 @@ def jpeg_decode_ms(repeats: int = 40) -> float:
     return 1000 * (time.perf_counter() - started) / repeats
 
 
-def disk_write_mb_s(size_mb: int = 256) -> float:
+def disk_write_mb_s(size_mb: int) -> float:
     """Sequential write + fsync into the cache folder's file system."""
     from vqadapt.embedded import cache_root
 
@@ -166,7 +173,19 @@ def disk_write_mb_s(size_mb: int = 256) -> float:
     return size_mb / seconds
 
 
-def project(rows: list[dict], decode_ms: float, write_mb_s: float, cores: int) -> list[dict]:
+def checksum_mb_s(size_mb: int) -> float:
+    """sha256 throughput (each shard's checksum is computed as it is written)."""
+    import hashlib
+
+    data = os.urandom(size_mb << 20)
+    started = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    return size_mb / (time.perf_counter() - started)
+
+
+def project(
+    rows: list[dict], decode_ms: float, write_mb_s: float, hash_mb_s: float, cores: int
+) -> list[dict]:
     """Real-shape figures from the measured per-value and per-question ones."""
     bytes_per_value = max(row["bytes_per_value"] for row in rows)
     first, last = rows[0], rows[-1]
@@ -181,6 +200,7 @@ def project(rows: list[dict], decode_ms: float, write_mb_s: float, cores: int) -
         text = questions * tokens * REAL_TEXT_DMODEL * bytes_per_value
         decode_s = images * decode_ms / 1000 / cores
         write_s = (vision + text) / 1e6 / write_mb_s
+        hash_s = (vision + text) / 1e6 / hash_mb_s
         out.append(
             {
                 "dataset": name,
@@ -194,6 +214,7 @@ def project(rows: list[dict], decode_ms: float, write_mb_s: float, cores: int) -
                 "data_ram_mb": questions * ram_per_question / 2**20,
                 "decode_s": decode_s,
                 "write_s": write_s,
+                "checksum_s": hash_s,
                 "vision_tflop": images * REAL_VISION_GFLOP / 1e3,
             }
         )
@@ -209,6 +230,10 @@ def main() -> None:
     parser.add_argument(
         "--no_projection", action="store_true", help="only the table (no JPEG / disk probes)"
     )
+    parser.add_argument("--probe_mb", type=int, default=256, help="MB written / hashed to time")
+    parser.add_argument(
+        "--backbones", nargs=2, metavar=("VISION", "TEXT"), help="default: the embedded tiny ones"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -218,19 +243,20 @@ def main() -> None:
 
     from vqadapt import embedded
 
-    embedded.ensure_tiny_backbones()
+    if not args.backbones:
+        embedded.ensure_tiny_backbones()
     rows = []
     for n in args.sizes:
-        rows.append(measure(n, args.eval))
+        rows.append(measure(n, args.eval, args.backbones))
         print(f"  measured {n} questions", flush=True)
     header = (
-        f"{'questions':>10}{'images':>8}{'peak RSS MB':>13}{'build s/1k img':>16}"
+        f"{'set':>8}{'in run':>8}{'images':>8}{'peak RSS MB':>13}{'build s/1k img':>16}"
         f"{'B/image':>10}{'B/value':>9}{'epoch s':>9}{'samples/s':>11}"
     )
     print(header)
     for row in rows:
         print(
-            f"{row['questions']:>10,}{row['images']:>8,}{row['peak_rss_mb']:>13.0f}"
+            f"{row['n']:>8,}{row['questions']:>8,}{row['images']:>8,}{row['peak_rss_mb']:>13.0f}"
             f"{row['build_s_per_1000_images']:>16.2f}{row.get('vision_bytes_per_image', 0):>10,.0f}"
             f"{row.get('bytes_per_value', 0):>9.4f}{row['epoch_s']:>9.1f}{row['samples_per_s']:>11.0f}"
         )
@@ -241,22 +267,24 @@ def main() -> None:
     if "bytes_per_value" not in rows[0] or args.no_projection:
         print(f"\nwritten: {atomic_write_json(args.out, {'rows': rows})}")
         return
-    decode, write = jpeg_decode_ms(), disk_write_mb_s()
-    projections = project(rows, decode, write, args.cores)
+    decode = jpeg_decode_ms()
+    write, digest = disk_write_mb_s(args.probe_mb), checksum_mb_s(args.probe_mb)
+    projections = project(rows, decode, write, digest, args.cores)
     print(f"\nCOCO-size JPEG decode + resize + crop: {decode:.2f} ms per image per core")
-    print(f"disk write (sequential, fsync): {write:,.0f} MB/s")
+    print(f"disk write (sequential, fsync): {write:,.0f} MB/s; sha256: {digest:,.0f} MB/s")
     for row in projections:
         print(
             f"{row['dataset']:<24} vision {row['vision_cache_gb']:.1f} GB, text {row['text_cache_gb']:.2f} GB"
             f", today's RAM {row['old_ram_gb']:.1f} GB, data RAM {row['data_ram_mb']:.0f} MB, "
             f"decode {row['decode_s']:.0f} s on {args.cores} cores, write {row['write_s']:.0f} s, "
-            f"{row['vision_tflop']:.0f} TFLOP"
+            f"sha256 {row['checksum_s']:.0f} s, {row['vision_tflop']:.0f} TFLOP"
         )
     result = {
         "machine": {"cpus": os.cpu_count()},
         "rows": rows,
         "jpeg_decode_ms": decode,
         "disk_write_mb_s": write,
+        "sha256_mb_s": digest,
         "projections": projections,
     }
     print(f"\nwritten: {atomic_write_json(args.out, result)}")
