@@ -76,6 +76,16 @@ TINY_DINO = dict(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``cuda``-marked tests run where CUDA exists and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass(frozen=True)
 class VQAEnv:
     """Where the session's data, backbones and caches live, and how to point a run at them."""
@@ -177,7 +187,8 @@ MakeModel = Callable[..., VQAModel]
 
 @pytest.fixture
 def make_tiny_model() -> MakeModel:
-    """``make_tiny_model(family="mbart", encoder_layers=12, blind=False, seed=0, **config)``."""
+    """``make_tiny_model(family="mbart", encoder_layers=12, blind=False, seed=0, speed="cpu",
+    **config)``: ``speed`` is the speed-path profile installed (``"library"`` for none)."""
 
     def make(
         family: str = "mbart",
@@ -185,12 +196,18 @@ def make_tiny_model() -> MakeModel:
         blind: bool = False,
         seed: int = 0,
         dropout: float = 0.1,
+        speed: str = "cpu",
         **overrides,
     ) -> VQAModel:
+        from vqadapt import speed as speed_paths
+
         torch.manual_seed(seed)
         vision = None if blind else tiny_vision_model()
         text = tiny_text_model(family, encoder_layers, **overrides)
-        return VQAModel(vision, text, dropout=dropout)
+        model = VQAModel(vision, text, dropout=dropout)
+        paths = speed_paths.SpeedPaths.library() if speed == "library" else None
+        speed_paths.install(model, paths or speed_paths.SpeedPaths.for_device(speed))
+        return model
 
     return make
 

@@ -19,8 +19,9 @@ from vqadapt.ablation.results import (
     significance,
 )
 from vqadapt.errors import VQADataError
+from vqadapt.experiments import hypotheses_file
 
-HYPOTHESES = Path(__file__).resolve().parents[1] / "experiments" / "hypotheses.yaml"
+HYPOTHESES = hypotheses_file()
 
 
 @pytest.fixture(scope="module")

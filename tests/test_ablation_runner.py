@@ -219,5 +219,5 @@ def test_jobs_must_be_positive(tmp_path: Path, vqa_env) -> None:
     preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
     result = ablate("--preset", str(preset), "--out", str(tmp_path / "s"), "--jobs", "0")
     assert result.returncode == 2
-    assert "--jobs must be >= 1" in result.stderr
+    assert "--jobs: must be between 1 and 256 (got 0)" in result.stderr
     assert not (tmp_path / "s").exists()

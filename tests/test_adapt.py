@@ -258,7 +258,7 @@ def test_lora_only_where_asked(make_tiny_model, name: str) -> None:
         set(range(12)) if adapt.use_text_lora else set()
     )
     assert not [n for n in lora if "decoder" in n]
-    assert len(plan.lora_modules["text"]) == (36 if adapt.use_text_lora else 0)
+    assert len(plan.lora_modules["text_encoder"]) == (36 if adapt.use_text_lora else 0)
     assert len(plan.lora_modules["vision"]) == (6 if adapt.use_vision_lora else 0)
     # The wrapped base projections keep the layer's own mode: frozen unless unfrozen.
     first_unfrozen = 12 - adapt.unfreeze_encoder_layers
@@ -317,36 +317,35 @@ def test_unfreeze_all_layers(make_tiny_model) -> None:
 @pytest.mark.parametrize("layers", [13, 100, -1])
 def test_unfreeze_out_of_range(make_tiny_model, layers: int) -> None:
     model = make_tiny_model()
+    adapt = AdaptConfig()
+    adapt.unfreeze_encoder_layers = layers  # -1 is refused at construction; adapt checks too
     with pytest.raises(VQAConfigError, match=rf"--unfreeze_encoder_layers {layers} .*12 layers"):
-        apply_adaptation(model, AdaptConfig(unfreeze_encoder_layers=layers))
+        apply_adaptation(model, adapt)
     assert not [n for n, _ in model.named_parameters() if "lora_" in n]
 
 
 @pytest.mark.parametrize(
     ("adapt", "message"),
     [
-        (AdaptConfig(unfreeze_encoder_layers=-1), "--unfreeze_encoder_layers must be >= 0"),
-        (AdaptConfig(use_text_lora=True, text_lora_r=0), "--text_lora_r must be > 0 (got 0)"),
-        (AdaptConfig(use_text_lora=True, text_lora_r=-4), "--text_lora_r must be > 0 (got -4)"),
-        (AdaptConfig(use_vision_lora=True, vision_lora_r=0), "--vision_lora_r must be > 0"),
+        ({"unfreeze_encoder_layers": -1}, "unfreeze_encoder_layers must be >= 0"),
+        ({"use_text_lora": True, "text_lora_r": 0}, "--text_lora_r must be > 0 (got 0)"),
+        ({"use_text_lora": True, "text_lora_r": -4}, "--text_lora_r must be > 0 (got -4)"),
+        ({"use_vision_lora": True, "vision_lora_r": 0}, "--vision_lora_r must be > 0"),
+        ({"use_text_lora": True, "text_lora_alpha": 0}, "--text_lora_alpha must be > 0 (got 0)"),
         (
-            AdaptConfig(use_text_lora=True, text_lora_alpha=0),
-            "--text_lora_alpha must be > 0 (got 0)",
-        ),
-        (
-            AdaptConfig(use_vision_lora=True, vision_lora_alpha=-1),
+            {"use_vision_lora": True, "vision_lora_alpha": -1},
             "--vision_lora_alpha must be > 0 (got -1)",
         ),
         (
-            AdaptConfig(use_text_lora=True, text_lora_dropout=1.0),
+            {"use_text_lora": True, "text_lora_dropout": 1.0},
             "--text_lora_dropout must be in [0, 1)",
         ),
     ],
 )
-def test_invalid_adaptation_settings(adapt: AdaptConfig, message: str) -> None:
-    config = RunConfig(adapt=adapt, train=TrainConfig(output_dir="unused"))
+def test_invalid_adaptation_settings(adapt: dict, message: str) -> None:
+    # refused at construction (the config is valid once it exists)
     with pytest.raises(VQAConfigError, match=re.escape(message)):
-        config.validate()
+        RunConfig(adapt=AdaptConfig(**adapt), train=TrainConfig(output_dir="unused"))
 
 
 def test_unused_lora_settings_are_not_checked() -> None:

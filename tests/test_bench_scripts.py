@@ -15,22 +15,47 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_speed_script_runs_on_tiny_shapes(tmp_path):
-    out = tmp_path / "gpu_speed.json"
-    command = [sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--device", "cpu"]
-    command += ["--steps", "1", "--batch_size", "4", "--out", str(out)]
+def test_gpu_check_script_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--device", "cpu"]
+    command += ["--steps", "1", "--batch_sizes", "4", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    rows = {(row["strategy"], row["cache"]) for row in result["rows"]}
-    assert len(rows) == 11  # six strategies, cache on and off (vision + text LoRA: off only)
+    rows = {(row["strategy"], row["loop"]) for row in result["rows"]}
+    # six strategies: the plain loop, vqadapt uncached and cached (vision + text LoRA: no cache)
+    assert len(rows) == 6 * 3 - 1
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 and row["flops_per_step"] > 0
         assert 0 < row["trainable_params"] < row["total_params"]
-    cached = {row["strategy"]: row["flops_per_step"] for row in result["rows"] if row["cache"]}
-    plain = {row["strategy"]: row["flops_per_step"] for row in result["rows"] if not row["cache"]}
-    assert cached["baseline"] < plain["baseline"]  # the cache removes the frozen towers' work
+    flops = {(row["strategy"], row["loop"]): row["flops_per_step"] for row in result["rows"]}
+    assert flops[("baseline", "cached")] < flops[("baseline", "uncached")]  # no frozen work
+    assert {item["strategy"] for item in result["vs_plain"] if "target" in item} == {
+        "baseline",
+        "unfreeze3",
+        "lora_r16",
+        "vision_text_lora",
+    }
+    variants = {row["variant"] for row in result["speed_paths"]}
+    assert {"profile", "library", "no packed_encoder"} <= variants  # the CPU profile's paths
+
+
+@pytest.mark.slow
+def test_checkpointing_memory_script_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "checkpointing.json"
+    command = [sys.executable, str(ROOT / "bench" / "checkpointing_memory.py"), "--tiny"]
+    command += ["--device", "cpu", "--batch_size", "4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 * 2
+    by = {(row["strategy"], row["checkpointed"]): row for row in rows}
+    for strategy in ("lora_r16", "decoder_lora", "vision_last2"):
+        plain, checkpointed = by[(strategy, False)], by[(strategy, True)]
+        assert checkpointed["measured_mib"] < plain["measured_mib"]
+        assert checkpointed["estimated_mib"] < plain["estimated_mib"]
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ from vqadapt.cache import cache_key, storage_dtype
 from vqadapt.errors import VQAConfigError
 from vqadapt.evaluate import mean_loss, predict
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime
 
+CPU = torch.device("cpu")
 STRATEGIES = {
     "baseline": [],
     "unfreeze3": ["--unfreeze_encoder_layers", "3"],
@@ -54,6 +56,11 @@ def rounded_frozen_outputs(dtype: torch.dtype = torch.float16):
         return x.to(dtype).to(x.dtype)
 
     def image(self, pixel_values=None, embeddings=None):
+        cached_embeddings = self.vision_splittable and self.vision_embeddings_frozen
+        if embeddings is None and not self.vision_frozen and cached_embeddings:
+            # the uncached path runs the embeddings inside the tower: split it where the cache
+            # does, so that the embeddings are rounded there too
+            pixel_values, embeddings = None, self.embed_image(pixel_values)
         out = encode_image(self, pixel_values, embeddings=embeddings)
         return rounded(out) if self.vision_frozen else out
 
@@ -239,7 +246,7 @@ def test_caches_are_sharded_compact_and_shared(vqa_env, tmp_path: Path, monkeypa
     assert torch.equal(second["states"], first["states"])
     assert sorted((tmp_path / "cache" / "features").iterdir()) == folders
     bf16 = evaluate_built(
-        vqa_env, tmp_path, [], cache=True, shard_items=16, compute_dtype=torch.bfloat16
+        vqa_env, tmp_path, [], cache=True, shard_items=16, runtime=Runtime(CPU, "bf16")
     )
     assert bf16["data"].features.vision_features.spec.dtype == torch.bfloat16
     assert len(list((tmp_path / "cache" / "features").iterdir())) > len(folders)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from vqadapt.data import check
@@ -27,7 +22,6 @@ VIVQA_TEST = SHARED / "vivqa" / "test.csv"
 EVJVQA = SHARED / "evjvqa" / "evjvqa_public_test-lang-qtype-answer.json"
 HEADER = ",question,answer,img_id,type\n"
 NFD_QUESTION = unicodedata.normalize("NFD", "màu của chiếc bình là gì")
-FUZZ_EXAMPLES = int(os.environ.get("VQADAPT_FUZZ_EXAMPLES", "150"))
 
 
 def _write(path: Path, content: str | bytes) -> Path:
@@ -642,164 +636,3 @@ def test_real_files_check_clean_and_match_the_loader() -> None:
     assert report.problems[0].message.startswith(
         f"3001 id(s) also used in {VIVQA_TRAIN} (e.g. '0', '1', '2'"
     )
-
-
-# --------------------------------------------------------------------------------- fuzz
-
-# Mostly valid field values, with the bad ones the checker must catch mixed in, so that a
-# good share of generated files pass both the checker and the loader and get compared.
-_KEYS = ["id", "question", "answer", "answers", "image", "image_id", "type", "language"]
-_GOOD_TEXT = st.sampled_from(
-    ["màu gì", "đỏ", "hai con mèo", "x, y;", 'q"', NFD_QUESTION]
-) | st.text(alphabet="abcăđ", min_size=1, max_size=6)
-_BAD_TEXT = st.sampled_from(["", "  ", "nan", "NaN", "?!", "\ud800"])
-_SCALARS = st.none() | st.booleans() | st.integers(-2, 5) | st.floats() | _BAD_TEXT
-_ANY_BAD = _BAD_TEXT | _SCALARS
-_VALUES = st.recursive(
-    _SCALARS | _GOOD_TEXT,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-_MAYBE_BAD = st.one_of(st.just(None), st.just(None), st.just(None), _VALUES)
-
-
-def _pick(draw: st.DrawFn, good: st.SearchStrategy, bad: st.SearchStrategy) -> object:
-    """A good value, and a bad one about one time in 15."""
-    return draw(bad if draw(st.sampled_from(range(15))) == 0 else good)
-
-
-def _text(draw: st.DrawFn) -> object:
-    return _pick(draw, _GOOD_TEXT, _ANY_BAD)
-
-
-def _csv_text(draw: st.DrawFn) -> str:
-    header = draw(st.sampled_from([HEADER] * 8 + [HEADER.replace(",", ";"), HEADER[1:]] * 2))
-    with_index = header.startswith(",")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator=draw(st.sampled_from(["\n", "\r\n"])))
-    for number in range(draw(st.integers(0, 4))):
-        row = [
-            _pick(draw, st.just(str(number)), st.sampled_from(["", "0", " 1"])),
-            _pick(draw, _GOOD_TEXT, _BAD_TEXT),
-            _pick(draw, _GOOD_TEXT, _BAD_TEXT),
-            _pick(draw, st.sampled_from(["1", "68857"]), st.sampled_from(["", "nan", "1.0", "-3"])),
-            _pick(draw, st.sampled_from("0123"), st.sampled_from(["", "9", "1.0", "x"])),
-        ]
-        row = row if with_index else row[1:]
-        if draw(st.sampled_from(range(15))) == 0:
-            row.append("extra")
-        writer.writerow(row)
-    blank = "\n" if draw(st.booleans()) else ""
-    return header + blank + buffer.getvalue()
-
-
-def _jsonl_object(draw: st.DrawFn, line: int) -> dict:
-    obj = {
-        "question": _text(draw),
-        "image": _pick(draw, st.sampled_from(["1.jpg", 7, None]), _SCALARS),
-    }
-    if draw(st.booleans()):
-        obj["answer"] = _text(draw)
-    else:
-        answers = [_text(draw) for _ in range(draw(st.integers(1, 2)))]
-        obj["answers"] = _pick(draw, st.just(answers), _VALUES)
-    for key, good in (
-        ("id", st.sampled_from([str(line), line, "a"])),
-        ("type", st.sampled_from([0, 3, "colour"])),
-    ):
-        if draw(st.booleans()):
-            obj[key] = _pick(draw, good, _SCALARS)
-    if draw(st.sampled_from(range(15))) == 0:  # a key goes missing or gets misspelled
-        key = draw(st.sampled_from(sorted(obj)))
-        obj[key + draw(st.sampled_from(["", "s"]))] = obj.pop(key)
-    return obj
-
-
-def _json_annotation(draw: st.DrawFn) -> dict:
-    ann = {
-        "image_id": _pick(draw, st.integers(0, 2), _SCALARS),
-        "question": _text(draw),
-        "answer": _text(draw)
-        if draw(st.booleans())
-        else [_text(draw) for _ in range(draw(st.integers(0, 2)))],
-    }
-    for key, good in (
-        ("id", st.integers(0, 4)),
-        ("language", st.sampled_from(["vi", "en"])),
-        ("question_type", st.sampled_from(["HOW_MANY", "WHAT"])),
-    ):
-        if draw(st.booleans()):
-            ann[key] = _pick(draw, good, _SCALARS)
-    if draw(st.sampled_from(range(15))) == 0:
-        ann.pop(draw(st.sampled_from(sorted(ann))))
-    return ann
-
-
-@st.composite
-def _documents(draw: st.DrawFn, suffix: str) -> bytes:
-    """Bytes that are often a valid file of the given kind, sometimes broken, or just noise."""
-    if draw(st.sampled_from(range(8))) == 0:
-        return draw(st.binary(max_size=200))
-    if suffix == ".csv":
-        text = _csv_text(draw)
-    elif suffix == ".jsonl":
-        lines = [_jsonl_object(draw, i + 1) for i in range(draw(st.integers(1, 4)))]
-        text = "\n".join(json.dumps(obj, ensure_ascii=draw(st.booleans())) for obj in lines)
-    else:
-        images = [
-            {"id": i, "filename": f"{i}.jpg"} for i in range(draw(st.sampled_from([3, 3, 2])))
-        ]
-        if draw(st.booleans()):
-            images = {str(entry["id"]): entry["filename"] for entry in images}
-        annotations = [_json_annotation(draw) for _ in range(draw(st.integers(0, 3)))]
-        if draw(st.booleans()):
-            keys = draw(
-                st.lists(
-                    st.sampled_from(["0", "1", "²", "k"]),
-                    unique=True,
-                    min_size=len(annotations),
-                    max_size=len(annotations),
-                )
-            )
-            annotations = dict(zip(keys, annotations, strict=True))
-        document: object = {
-            "images": _pick(draw, st.just(images), _VALUES),
-            "annotations": annotations,
-        }
-        if draw(st.sampled_from(range(15))) == 0:
-            document = draw(_VALUES)
-        text = json.dumps(document, ensure_ascii=draw(st.booleans()))
-    data = text.encode("utf-8", "surrogatepass")
-    if draw(st.sampled_from(range(6))) == 0:  # splice in raw bytes: bad UTF-8, BOMs, NULs
-        position = draw(st.integers(0, len(data)))
-        data = data[:position] + draw(st.binary(min_size=1, max_size=3)) + data[position:]
-    return data
-
-
-@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
-@settings(
-    max_examples=FUZZ_EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(data=st.data())
-def test_fuzz_check_never_raises_and_agrees_with_the_loader(
-    tmp_path: Path, suffix: str, data: st.DataObject
-) -> None:
-    path = tmp_path / f"fuzz{suffix}"
-    path.write_bytes(data.draw(_documents(suffix)))
-    records, problems = check_file(path)  # must not raise
-    errors = [p for p in problems if p.severity == "error"]
-    for problem in problems:
-        assert problem.file == str(path)
-        str(problem).encode("utf-8")  # printable, even when quoting undecodable bytes
-    try:
-        loaded = load_records(path)
-    except VQADataError:
-        assert errors, "the loader refused a file the checker passed"
-    else:
-        if not errors:
-            assert records == loaded

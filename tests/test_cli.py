@@ -160,17 +160,19 @@ def test_plan_rank_table(vqa_env, capsys) -> None:
     assert run_cli(["plan", *argv, "--rank_table"]) == 0
     out = capsys.readouterr().out
     table = out.split("exact LoRA parameter counts", 1)[1]
-    rows = re.findall(r"^\s*(\d+)\s+([\d,]+)\s+([\d,]+)$", table, re.M)
-    assert [int(r) for r, _, _ in rows] == [4, 8, 16, 32, 64]
+    rows = re.findall(r"^\s*(\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", table, re.M)
+    assert [int(r) for r, *_ in rows] == [4, 8, 16, 32, 64]
     base, _, _, _ = build_model(parse_run_config(vqa_env.data_flags()), vqa_env.backbones())
-    for r, text, vision in rows:
-        r, text, vision = int(r), int(text.replace(",", "")), int(vision.replace(",", ""))
+    for r, text, vision, decoder in rows:
+        r, text, vision, decoder = (int(v.replace(",", "")) for v in (r, text, vision, decoder))
         assert text == lora_parameter_count(base, "text", "auto", r)
         assert vision == lora_parameter_count(base, "vision", "auto", r)
         d, layers = TINY_TEXT["d_model"], TINY_TEXT["encoder_layers"]
         assert text == layers * 3 * r * 2 * d
         dv, vision_layers = TINY_VISION["hidden_size"], TINY_VISION["num_hidden_layers"]
         assert vision == vision_layers * 3 * r * 2 * dv
+        # q/k/v of self- and cross-attention in every decoder layer
+        assert decoder == TINY_TEXT["decoder_layers"] * 6 * r * 2 * d
 
 
 def test_config_file_is_layered_under_the_flags(vqa_env, tmp_path: Path, capsys) -> None:
@@ -226,7 +228,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         ("--unfreeze_encoder_layers -2", "--unfreeze_encoder_layers must be >= 0"),
         ("--resume --overwrite", "--resume and --overwrite contradict each other"),
         ("--no_such_flag 3", "unrecognised arguments: --no_such_flag 3"),
-        ("--epochs many", "invalid int value: 'many'"),
+        ("--epochs many", "--epochs must be an integer (got 'many')"),
     ],
 )
 def test_invalid_flags_exit_2_before_any_model_loads(

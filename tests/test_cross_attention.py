@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqadapt import cross_attention
+from vqadapt import speed
 from vqadapt.losses import token_losses
+from vqadapt.speed import SpeedPaths, cross_attention
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def count_absorbed(monkeypatch):
 
 
 def _loss_and_grads(model, batch, enabled: bool, monkeypatch):
-    monkeypatch.setattr(cross_attention, "ENABLED", enabled)
+    cross_attention.install(model.text, "encoder_attn", enabled)
     model.zero_grad(set_to_none=True)
     logits = model(batch)
     token_losses(logits, batch["labels"]).mean().backward()
@@ -74,8 +75,24 @@ def test_generation_keeps_the_library_path(make_tiny_model, make_batch, count_ab
 
 
 def test_other_families_keep_their_attention(make_tiny_model):
-    model = make_tiny_model(family="t5")
-    assert cross_attention.install(model.text) == 0
+    model = make_tiny_model(family="t5", speed="library")
+    installed = speed.install(model, SpeedPaths(absorbed_cross_attention=True))
+    assert not installed.absorbed_cross_attention  # T5 does not support it
+    assert not any(isinstance(m, cross_attention.AbsorbedCrossAttention) for m in model.modules())
+
+
+def test_install_swaps_the_class_and_back_keeping_parameters(make_tiny_model):
+    model = make_tiny_model(speed="library")
+    before = dict(model.named_parameters())
+    layers = model.text.get_decoder().layers
+    assert cross_attention.install(model.text, "encoder_attn") == len(layers)
+    assert all(
+        isinstance(layer.encoder_attn, cross_attention.AbsorbedCrossAttention) for layer in layers
+    )
+    assert dict(model.named_parameters()) == before  # same names, same tensors
+    assert cross_attention.install(model.text, "encoder_attn") == 0  # already there
+    assert cross_attention.install(model.text, "encoder_attn", enabled=False) == len(layers)
+    assert all(type(layer.encoder_attn).__name__ == "MBartAttention" for layer in layers)
 
 
 def test_long_answers_fall_back_to_projecting(make_tiny_model, count_absorbed):

@@ -202,7 +202,9 @@ def test_two_processes_build_disjoint_cache_shards(vqa_env, tmp_path, monkeypatc
     command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     script = Path(__file__).parent / "cache_ranks.py"
+    results_dir = tmp_path / "results"
     command += [str(script), json.dumps(flags), str(vqa_env.vision), str(vqa_env.text)]
+    command += [str(results_dir)]
     two = tmp_path / "two"
     done = subprocess.run(
         command,
@@ -212,10 +214,8 @@ def test_two_processes_build_disjoint_cache_shards(vqa_env, tmp_path, monkeypatc
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    results = [
-        json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")
-    ]
-    assert sorted(result["rank"] for result in results) == [0, 1]
+    results = [json.loads((results_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [result["rank"] for result in results] == [0, 1]
     assert results[0]["sums"] == results[1]["sums"] and len(results[0]["sums"]) == 4
 
     monkeypatch.setenv("VQADAPT_CACHE", str(tmp_path / "one"))

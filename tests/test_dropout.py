@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from vqadapt import dropout as fast
+from vqadapt import speed
 from vqadapt.adapt import apply_adaptation
 from vqadapt.config import AdaptConfig
+from vqadapt.speed import SpeedPaths
+from vqadapt.speed import dropout as fast
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -70,6 +72,7 @@ def test_lora_dropouts_are_swapped_in(make_tiny_model, make_batch) -> None:
     apply_adaptation(
         model, AdaptConfig(use_text_lora=True, use_vision_lora=True, text_lora_dropout=0.05)
     )
+    speed.install(model, SpeedPaths.for_device("cpu"))  # after the adaptation, as build_model
     lora_dropouts = [m for name, m in model.named_modules() if ".lora_dropout." in name]
     assert lora_dropouts and all(type(m) is fast.Dropout for m in lora_dropouts)
     assert {m.p for m in lora_dropouts} == {0.05}
@@ -81,3 +84,12 @@ def test_lora_dropouts_are_swapped_in(make_tiny_model, make_batch) -> None:
         assert not torch.equal(model(batch), model(batch))  # dropout is on
         model.eval()
         assert torch.equal(model(batch), model(batch))
+
+
+def test_fast_dropout_is_a_cpu_profile_path_only(make_tiny_model) -> None:
+    model = make_tiny_model(speed="cuda")
+    assert not any(type(m) is fast.Dropout for m in model.modules())
+    speed.install(model, SpeedPaths.for_device("cpu"))
+    assert type(model.projector.dropout) is fast.Dropout
+    speed.install(model, SpeedPaths.library())  # and back
+    assert not any(type(m) is fast.Dropout for m in model.modules())

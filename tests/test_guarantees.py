@@ -17,7 +17,7 @@ import torch
 
 from vqadapt.backbones import load_text, load_vision
 from vqadapt.checkpoint import load_training_state, recover_checkpoint
-from vqadapt.errors import VQAConfigError, VQATrainingError
+from vqadapt.errors import VQAConfigError, VQADataError, VQATrainingError
 from vqadapt.train import train
 
 QUIET = lambda _: None  # noqa: E731
@@ -146,7 +146,7 @@ class Exploit:
 
 def test_training_state_is_loaded_without_running_pickled_code(tmp_path):
     (tmp_path / "training_state.pt").write_bytes(pickle.dumps({"loop": Exploit()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(VQADataError, match=r"refused.*could run code"):
         load_training_state(tmp_path)
 
 

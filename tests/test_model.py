@@ -71,8 +71,7 @@ def test_prefix_then_suffix_equals_the_whole_encoder(
             torch.testing.assert_close(
                 out[keep], full[keep], rtol=0, atol=1e-5, msg=f"{cached} layers"
             )
-            if model.splittable:
-                assert prefix.shape == (*batch["input_ids"].shape, model.text.config.d_model)
+            assert prefix.shape == (*batch["input_ids"].shape, model.text.config.d_model)
 
 
 def test_a_cached_prefix_with_other_padding_gives_the_same_states(make_tiny_model, make_batch):

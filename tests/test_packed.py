@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vqadapt import speed
 from vqadapt.adapt import apply_adaptation
 from vqadapt.config import AdaptConfig
-from vqadapt.packed import Packing
+from vqadapt.speed import SpeedPaths
+from vqadapt.speed.packed import PackedEncoder, Packing
 
 
 def library_encoder(model, batch) -> torch.Tensor:
@@ -17,6 +19,7 @@ def library_encoder(model, batch) -> torch.Tensor:
 
 
 def packed_encoder(model, batch) -> torch.Tensor:
+    assert isinstance(model.encoder_runner, PackedEncoder)  # installed by the CPU profile
     mask = batch["attention_mask"]
     return model.encode_text_suffix(model.encode_text_prefix(batch["input_ids"], mask), mask)
 
@@ -78,19 +81,14 @@ def test_packed_encoder_trains_with_dropout_on_real_tokens(make_tiny_model, make
 
 
 @pytest.mark.parametrize("absorbed", [True, False], ids=["absorbed", "library_cross_attention"])
-def test_teacher_forced_decoder_equals_the_library(
-    make_tiny_model, make_batch, monkeypatch, absorbed: bool
-) -> None:
-    from vqadapt import cross_attention, decoder
-
-    monkeypatch.setattr(cross_attention, "ENABLED", absorbed)
+def test_teacher_forced_decoder_equals_the_library(make_tiny_model, make_batch, absorbed: bool):
     model = make_tiny_model()
     apply_adaptation(model, AdaptConfig(use_text_lora=True, text_lora_r=4))
     model.eval()
     batch = make_batch(model, batch_size=4)
     losses, grads = {}, {}
     for lean in (True, False):
-        monkeypatch.setattr(decoder, "usable", lambda _, lean=lean: lean)
+        speed.install(model, SpeedPaths(lean_decoder=lean, absorbed_cross_attention=absorbed))
         model.zero_grad(set_to_none=True)
         per_sample = model(batch, return_losses=True)
         per_sample.sum().backward()
@@ -102,17 +100,23 @@ def test_teacher_forced_decoder_equals_the_library(
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_teacher_forced_decoder_is_used_for_mbart_only(make_tiny_model) -> None:
-    from vqadapt import decoder
+def test_teacher_forced_decoder_is_used_for_mbart_only(make_tiny_model, make_batch, monkeypatch):
+    from vqadapt.speed import decoder
 
-    assert decoder.usable(make_tiny_model("mbart").text.get_decoder())
-    assert not decoder.usable(make_tiny_model("t5").text.get_decoder())
-    layerdrop = make_tiny_model("mbart", decoder_layerdrop=0.1).text.get_decoder().train()
-    assert not decoder.usable(layerdrop)
+    calls = []
+    real = decoder.teacher_forced
+    monkeypatch.setattr(decoder, "teacher_forced", lambda *a: calls.append(1) or real(*a))
+    assert make_tiny_model("mbart").speed_paths.lean_decoder
+    assert not make_tiny_model("t5").speed_paths.lean_decoder  # not a family it supports
+    for layerdrop, used in ((0.0, True), (0.1, False)):  # LayerDrop skips layers at random
+        model = make_tiny_model("mbart", decoder_layerdrop=layerdrop).train()
+        calls.clear()
+        model(make_batch(model), return_losses=True)
+        assert bool(calls) is used
 
 
 def test_fused_lora_projections_drop_out_each_input_apart(make_tiny_model) -> None:
-    from vqadapt.packed import query_key_value
+    from vqadapt.speed.packed import query_key_value
 
     model = make_tiny_model()
     apply_adaptation(model, AdaptConfig(use_text_lora=True, text_lora_r=4, text_lora_dropout=0.5))

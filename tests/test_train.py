@@ -43,6 +43,9 @@ METRIC_KEYS = {
     "grad_norm_max",
     "grad_norm_layers",
     "skipped_steps",
+    "train_seconds",
+    "peak_gpu_memory_mib",
+    "peak_rss_mib",
     "seconds",
     "samples_per_s",
 }
@@ -74,8 +77,8 @@ def run_training(env, out: Path, *extra: str, stop_after_epoch: int | None = Non
     captured: dict = {}
     real_build_model = train_module.build_model
 
-    def build_and_capture(config, backbones):
-        built = real_build_model(config, backbones)
+    def build_and_capture(config, backbones, device="cpu"):
+        built = real_build_model(config, backbones, device)
         captured["model"] = built[0]
         captured["before"] = {n: p.detach().clone() for n, p in built[0].named_parameters()}
         return built
@@ -260,12 +263,12 @@ def test_grad_norm_layers_text_lora(lora_run: Run) -> None:
 # number of steps: the same in every session). They pin the whole path: tokenizer,
 # initialisation, batch order, loss, optimiser and schedule. After an intended change there,
 # rerun and update them. The run reads its frozen features from the fp16 cache: the uncached
-# run (--no_cache) gives (2.5502620935440063, 1.6973552703857422) and (1.3916891142725945,
-# 1.6072185039520264), and the uncached run with the frozen outputs rounded to fp16 gives these
+# run (--no_cache) gives (2.550241619348526, 1.6974341869354248) and (1.392127238214016,
+# 1.6080254316329956), and the uncached run with the frozen outputs rounded to fp16 gives these
 # bit for bit (test_cache.rounded_frozen_outputs).
 GOLDEN_BASELINE_LOSSES = [
-    (2.54776169359684, 1.6947717666625977),  # epoch 1: train_loss, val_loss
-    (1.3654408305883408, 1.5916634798049927),  # epoch 2
+    (2.547687955200672, 1.694387674331665),  # epoch 1: train_loss, val_loss
+    (1.368311159312725, 1.5986942052841187),  # epoch 2
 ]
 GOLDEN_BASELINE_PARAMS = {"total": 3_021_056, "vision": 880_640, "projector": 33_536}
 
@@ -452,21 +455,24 @@ def test_existing_run_is_protected(vqa_env, baseline_run: Run) -> None:
 def test_overwrite_retrains(vqa_env, baseline_run: Run, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(baseline_run.out, out)
-    (out / "marker.txt").write_text("old run", encoding="utf-8")
+    (out / "notes.txt").write_text("not the run's", encoding="utf-8")
+    (out / "eval_test.json").write_text("{}", encoding="utf-8")
     run = run_training(vqa_env, out, *SMALL, "--overwrite")
-    assert not (out / "marker.txt").exists()
+    assert not (out / "eval_test.json").exists()  # the old run's files went with it
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "not the run's"  # carried over
     assert [row["epoch"] for row in run.metrics()] == [1]
     assert run.summary()["data"]["train"] == 16
     assert run.summary()["status"] == "success"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_failure_is_recorded(vqa_env, tmp_path: Path) -> None:
+def test_failed_validation_leaves_the_folder_alone(vqa_env, tmp_path: Path) -> None:
     out = tmp_path / "failing"
     with pytest.raises(VQAConfigError, match="out of range"):
         train(vqa_env.config(out, "--unfreeze_encoder_layers", "13"), log=lambda _: None)
-    status = json.loads((out / "status.json").read_text(encoding="utf-8"))
-    assert status["status"] == "failed"
-    assert "VQAConfigError" in status["error"] and "13" in status["error"]
+    assert not out.exists()  # nothing claimed: the corrected retry needs no --overwrite
+    run_training(vqa_env, out, *SMALL)
+    assert json.loads((out / "status.json").read_text(encoding="utf-8"))["status"] == "success"
 
 
 def test_refused_call_leaves_an_interrupted_run_alone(vqa_env, tmp_path: Path) -> None:

@@ -1,35 +1,59 @@
 """The one place that decides what trains, and the coverage plan that reports it.
 
-``apply_adaptation`` injects LoRA (through peft, once, before any optimizer exists), sets every
-``requires_grad`` flag and returns an ``AdaptationPlan``: trainable / total parameters per
-tower and per layer, which layers are adapted and how, the LoRA modules matched.
+``apply_adaptation`` turns each tower's choice (``vqadapt.menu``: frozen, full, last_n:N, lora,
+last_n:N+lora; the seed's flags map onto them) into peft LoRA adapters (injected once, before
+any optimizer exists) and ``requires_grad`` flags, and returns an ``AdaptationPlan``: trainable
+/ total parameters per tower and per layer, which layers are adapted and how, the LoRA modules
+matched, the optimizer state in bytes and a memory estimate with activations.
 
-Rules:
-- the decoder side of the text model and the projector always train fully;
-- ``unfreeze_encoder_layers = N``: the last N text-encoder layers train fully (and, when N > 0,
-  the encoder's final layer norm, which sits after them); the rest of the encoder is frozen;
-- text LoRA: adapters on the chosen projections of **every** text-encoder layer, nowhere else;
-- vision LoRA: adapters on every vision-encoder layer; without it the vision tower is frozen;
-- embeddings of the encoder are never trained (the decoder has its own copy, see
-  ``model.untie_decoder_embeddings``).
+Rules, the same in every tower:
+- ``full``: every parameter of the tower, embeddings included (not those vqadapt never runs:
+  a vision family's ``unused``, e.g. DINOv2's masked-image token);
+- ``last_n:N``: the last N layers and what runs after them (the final norm), nothing before;
+- ``lora``: adapters on the targets of the chosen layers (or on the projector's linear
+  layers), every base weight frozen; with ``last_n:N`` the last N layers also train fully;
+- ``frozen``: nothing.
+
+The text decoder's input embedding is its own copy of the shared matrix, tied to the LM head
+(``model.untie_decoder_embeddings``): both train with ``--text_decoder full`` only. The
+encoder's embedding trains with ``--text_encoder full`` only.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
-from vqadapt.backbones import TowerLayout, get_submodule, resolve_targets
+from vqadapt import menu
+from vqadapt.backbones import TowerLayout, resolve_targets
 from vqadapt.config import AdaptConfig
-from vqadapt.dropout import use_fast_dropout
 from vqadapt.errors import VQAConfigError
+from vqadapt.menu import TOWERS, LoraSpec, TowerChoice
 from vqadapt.model import VQAModel
 
-TOWERS = ("vision", "projector", "text_encoder", "text_decoder")
 BYTES_PER_FP32 = 4
+MIB = 2**20
+# Where each tower's LoRA adapter lives: (folder under a checkpoint's or export's adapters/,
+# attribute of VQAModel it is injected into, peft adapter name). The text encoder and decoder
+# share the text model, so the decoder's adapter has a name of its own; keys are relative to
+# the attribute, so that PeftModel.from_pretrained loads each folder onto that tower alone.
+ADAPTER_SITES = {
+    "vision": ("vision", "vision", "default"),
+    "projector": ("projector", "projector", "default"),
+    "text_encoder": ("text", "text", "default"),
+    "text_decoder": ("decoder", "text", "text_decoder"),
+}
+VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA"}
+TOWER_NAMES = {
+    "vision": "vision encoder",
+    "projector": "projector",
+    "text_encoder": "text encoder",
+    "text_decoder": "text decoder",
+}
 
 
 @dataclass
@@ -56,7 +80,10 @@ class AdaptationPlan:
     coverage: str
     text_cache_layers: int
     vision_frozen: bool
-    memory_estimate_mb: dict[str, float] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)  # tower -> its choice, as spelled
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # tower -> its LoRA settings
+    optimizer_state_bytes: int = 0  # AdamW's state, exact
+    memory_estimate_mib: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -64,6 +91,7 @@ class AdaptationPlan:
         return out
 
 
+# -- where things are -----------------------------------------------------------------------
 def parameter_towers(model: VQAModel) -> dict[str, str]:
     """Tower of every parameter, by tensor identity for the text encoder.
 
@@ -84,116 +112,329 @@ def parameter_towers(model: VQAModel) -> dict[str, str]:
     return towers
 
 
-def layer_of(model: VQAModel, name: str) -> tuple[str, int] | None:
-    """(tower, 1-based layer index) for parameters inside an encoder layer."""
-    text_layers = f"text.{model.text_layout.layers_path}."
-    if name.startswith(text_layers):
-        return "text_encoder", int(name[len(text_layers) :].split(".", 1)[0]) + 1
+def _layer_prefixes(model: VQAModel) -> list[tuple[str, str]]:
+    prefixes = [
+        ("text_encoder", f"text.{model.text_layout.layers_path}."),
+        ("text_decoder", f"text.{model.text_family.decoder_layers_path}."),
+    ]
     if model.vision_layout is not None:
-        vision_layers = f"vision.{model.vision_layout.layers_path}."
-        if name.startswith(vision_layers):
-            return "vision", int(name[len(vision_layers) :].split(".", 1)[0]) + 1
+        prefixes.append(("vision", f"vision.{model.vision_layout.layers_path}."))
+    return prefixes
+
+
+def layer_of(model: VQAModel, name: str) -> tuple[str, int] | None:
+    """(tower, 1-based layer index) for parameters inside a layer of a layer stack."""
+    for tower, prefix in _layer_prefixes(model):
+        if name.startswith(prefix):
+            return tower, int(name[len(prefix) :].split(".", 1)[0]) + 1
     return None
 
 
-def _inject_lora(
-    tower: nn.Module, layout: TowerLayout, requested: str, r: int, alpha: float, dropout: float
-) -> None:
-    """peft LoRA on the chosen projections of every encoder layer of one tower (adapter
-    "default", kept in ``tower.peft_config`` for saving in peft's own format)."""
-    from peft import LoraConfig, inject_adapter_in_model
+def _before_layers(model: VQAModel) -> dict[str, Any]:
+    """What runs before each tower's layers (its embeddings): frozen unless ``full``."""
+    head = model.text.get_output_embeddings()
+    return {
+        "text_encoder": {id(model.text_encoder.get_input_embeddings().weight)},
+        "text_decoder": {
+            id(model.text.get_decoder().get_input_embeddings().weight),
+            *([id(head.weight)] if head is not None else []),
+        },
+        "vision": tuple(f"vision.{path}." for path in model.vision_family.before_layers)
+        if model.vision_family is not None
+        else (),
+    }
 
-    layers = get_submodule(tower, layout.layers_path)
-    targets = resolve_targets(requested, layout, layers[0])
+
+def _is_before_layers(tower: str, name: str, param: nn.Parameter, before: dict) -> bool:
+    if tower == "vision":
+        return name.startswith(before["vision"])
+    if tower in ("text_encoder", "text_decoder"):
+        return id(param) in before[tower] or "embed" in name
+    return False
+
+
+def _layout(model: VQAModel, tower: str) -> TowerLayout | None:
+    return {
+        "vision": model.vision_layout,
+        "text_encoder": model.text_layout,
+        "text_decoder": model.decoder_layout,
+        "projector": None,
+    }[tower]
+
+
+def _tower_exists(model: VQAModel, tower: str) -> bool:
+    return tower not in ("vision", "projector") or model.vision is not None
+
+
+# -- LoRA -----------------------------------------------------------------------------------
+def lora_config(spec: LoraSpec, targets: tuple[str, ...], layers_path: str | None):
+    """A peft ``LoraConfig`` for ``spec`` on ``targets`` of the layers ``spec.layers`` (a
+    regex over module names relative to the tower's root; the projector has no layers)."""
+    from peft import LoraConfig
+
     names = "|".join(map(re.escape, targets))
-    pattern = rf"{re.escape(layout.layers_path)}\.\d+\.(.*\.)?({names})"
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
-    inject_adapter_in_model(config, tower, adapter_name="default")
-    tower.peft_config = {"default": config}
-    use_fast_dropout(tower)  # the LoRA dropouts: same p, a faster mask on CPU (dropout.py)
+    if layers_path is None:
+        pattern = rf"({names})"
+    else:
+        indices = r"\d+"
+        if spec.layers is not None:
+            indices = "(?:" + "|".join(str(i - 1) for i in spec.layers) + ")"
+        pattern = rf"{re.escape(layers_path)}\.{indices}\.(.*\.)?({names})"
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=pattern,
+        use_dora=spec.variant == "dora",
+        use_rslora=spec.variant == "rslora",
+        init_lora_weights="pissa" if spec.variant == "pissa" else True,
+    )
 
 
+def _lora_targets(model: VQAModel, tower: str, spec: LoraSpec) -> tuple[str, ...]:
+    layers = model.tower_layers(tower)
+    sample = layers[0] if layers is not None else model.projector
+    return resolve_targets(spec.targets, _layout(model, tower), sample)
+
+
+def inject_lora(model: VQAModel, tower: str, spec: LoraSpec) -> None:
+    """peft LoRA adapters on one tower (adapter ``ADAPTER_SITES[tower]``, its config kept in
+    the root module's ``peft_config`` for saving in peft's own format)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    _, attribute, adapter = ADAPTER_SITES[tower]
+    root = getattr(model, attribute)
+    layout = _layout(model, tower)
+    config = lora_config(spec, _lora_targets(model, tower, spec), layout and layout.layers_path)
+    with warnings.catch_warnings():
+        # a second adapter in the text model (encoder and decoder) is intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, root, adapter_name=adapter)
+    root.peft_config = {**getattr(root, "peft_config", {}), adapter: config}
+    # peft activates the new adapter everywhere in the root, which would switch off the other
+    # tower's adapter: each LoRA layer keeps its own (every layer holds one).
+    for module in root.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(list(module.lora_A.keys()))
+
+
+def check_choices(model: VQAModel, adapt: AdaptConfig, choices: dict[str, TowerChoice]) -> None:
+    """Every choice fits the model: a tower that exists, ``last_n`` and LoRA layers within its
+    depth, LoRA targets that name linear layers."""
+    for tower, choice in choices.items():
+        flag = f"--{menu.TOWER_FLAGS[tower]} {choice}"
+        if not _tower_exists(model, tower):
+            if tower == "projector" and choice.full:
+                continue
+            if not choice.frozen:
+                if tower == "vision" and adapt.vision_encoder is None:
+                    flag = "--use_vision_lora"
+                raise VQAConfigError(f"{flag} needs a vision tower, but the model is blind")
+            continue
+        layers = model.tower_layers(tower)
+        depth = len(layers) if layers is not None else 0
+        if not 0 <= choice.last_n <= depth:
+            if tower == "text_encoder" and adapt.text_encoder is None:
+                flag = f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers}"
+            raise VQAConfigError(
+                f"{flag} is out of range: the {TOWER_NAMES[tower]} has {depth} layers"
+            )
+        if choice.lora:
+            spec = menu.lora_spec(adapt, tower)
+            if spec.layers is not None and spec.layers[-1] > depth:
+                prefix = menu.LORA_PREFIXES[tower]
+                raise VQAConfigError(
+                    f"--{prefix}_lora_layers {getattr(adapt, f'{prefix}_lora_layers')}: the "
+                    f"{TOWER_NAMES[tower]} has {depth} layers"
+                )
+            _lora_targets(model, tower, spec)
+
+
+# -- the decision ---------------------------------------------------------------------------
 def describe_strategy(adapt: AdaptConfig, blind: bool) -> str:
+    """One line: what trains, in the seed's words where the seed had them."""
+    choices = menu.resolve(adapt)
+    words = {"vision": "vision", "projector": "projector", "text_encoder": "text",
+             "text_decoder": "decoder"}  # fmt: skip
     parts = []
-    if adapt.unfreeze_encoder_layers:
-        parts.append(f"unfreeze last {adapt.unfreeze_encoder_layers} text-encoder layers")
-    if adapt.use_text_lora:
-        parts.append(f"text LoRA r={adapt.text_lora_r} alpha={adapt.text_lora_alpha:g}")
-    if adapt.use_vision_lora:
-        parts.append(f"vision LoRA r={adapt.vision_lora_r} alpha={adapt.vision_lora_alpha:g}")
-    if not parts:
-        parts.append("frozen encoders (baseline)")
+    for tower in ("text_encoder", "vision", "projector", "text_decoder"):
+        choice = choices[tower]
+        if tower in ("projector", "text_decoder") and choice.full:
+            continue  # the default
+        if choice.full:
+            parts.append(f"full {tower.replace('_', ' ')}")
+        elif choice.frozen:
+            if tower in ("projector", "text_decoder"):
+                parts.append(f"frozen {words[tower]}")
+            continue
+        if choice.last_n:
+            layers = "text-encoder" if tower == "text_encoder" else words[tower]
+            parts.append(f"unfreeze last {choice.last_n} {layers} layers")
+        if choice.lora:
+            spec = menu.lora_spec(adapt, tower)
+            text = f"{words[tower]} {VARIANT_NAMES[spec.variant]} r={spec.r} alpha={spec.alpha:g}"
+            if spec.targets != "auto":
+                text += f" on {spec.targets}"
+            if spec.layers is not None:
+                text += f" (layers {','.join(map(str, spec.layers))})"
+            parts.append(text)
+    if not [p for p in parts if not p.startswith(("frozen projector", "frozen decoder"))]:
+        parts.insert(0, "frozen encoders (baseline)")
     if blind:
         parts.append("blind (question only)")
     return " + ".join(parts)
 
 
-def apply_adaptation(model: VQAModel, adapt: AdaptConfig, blind: bool = False) -> AdaptationPlan:
-    """Inject LoRA, set ``requires_grad`` everywhere, and describe the result."""
-    num_text_layers = model.text_layout.num_layers
-    unfreeze = adapt.unfreeze_encoder_layers
-    if not 0 <= unfreeze <= num_text_layers:
-        raise VQAConfigError(
-            f"--unfreeze_encoder_layers {unfreeze} is out of range: the text encoder has "
-            f"{num_text_layers} layers"
-        )
-    if adapt.use_text_lora:
-        _inject_lora(
-            model.text,
-            model.text_layout,
-            adapt.text_lora_targets,
-            adapt.text_lora_r,
-            adapt.text_lora_alpha,
-            adapt.text_lora_dropout,
-        )
-    if adapt.use_vision_lora:
-        if model.vision is None:
-            raise VQAConfigError("--use_vision_lora needs a vision tower, but the model is blind")
-        _inject_lora(
-            model.vision,
-            model.vision_layout,
-            adapt.vision_lora_targets,
-            adapt.vision_lora_r,
-            adapt.vision_lora_alpha,
-            adapt.vision_lora_dropout,
-        )
+def apply_adaptation(
+    model: VQAModel,
+    adapt: AdaptConfig,
+    blind: bool = False,
+    shapes: ActivationShapes | None = None,
+) -> AdaptationPlan:
+    """Inject LoRA, set ``requires_grad`` everywhere, and describe the result (``shapes``: the
+    sizes the activation estimate assumes; default: ``ActivationShapes.for_model``)."""
+    choices = menu.resolve(adapt)
+    check_choices(model, adapt, choices)
+    specs = {tower: menu.lora_spec(adapt, tower) for tower, c in choices.items() if c.lora}
+    for tower, spec in specs.items():
+        inject_lora(model, tower, spec)
 
-    first_unfrozen = num_text_layers - unfreeze  # 0-based index of the first fully trained layer
     towers = parameter_towers(model)
-    encoder_embedding = model.text_encoder.get_input_embeddings().weight
+    before = _before_layers(model)
+    depth = {tower: len(model.tower_layers(tower) or ()) for tower in TOWERS}
+    unused = ()
+    if model.vision_family is not None:
+        unused = tuple(f"vision.{path}" for path in model.vision_family.unused)
     for name, param in model.named_parameters():
         tower = towers[name]
-        is_lora = ".lora_" in name
-        if tower in ("projector", "text_decoder") or is_lora:
-            train = True
-        elif tower == "text_encoder":
-            where = layer_of(model, name)
-            if where is not None:
-                train = where[1] - 1 >= first_unfrozen
-            else:  # embeddings never train; the final norm trains with the last layers
-                is_embedding = param is encoder_embedding or "embed" in name
-                train = unfreeze > 0 and not is_embedding
-        else:
+        choice = choices[tower]
+        where = layer_of(model, name)
+        if name.startswith(unused):
             train = False
+        elif ".lora_" in name or choice.full:
+            train = True
+        elif where is not None:
+            train = where[1] > depth[tower] - choice.last_n
+        elif _is_before_layers(tower, name, param, before):
+            train = False
+        else:  # what runs after the layers (a final norm) trains with the last layers
+            train = choice.last_n > 0
         param.requires_grad_(train)
 
-    model.text_cache_layers = 0 if adapt.use_text_lora else first_unfrozen
-    model.vision_frozen = not adapt.use_vision_lora
-    plan = count_plan(model, describe_strategy(adapt, blind))
+    _set_model_flags(model)
+    if any(spec.variant == "pissa" for spec in specs.values()):
+        model.rewritten_weights = rewritten_weights(model)
+    plan = count_plan(model, describe_strategy(adapt, blind), shapes)
+    plan.choices = {tower: str(choice) for tower, choice in choices.items()}
+    plan.lora = {tower: asdict(spec) for tower, spec in specs.items()}
     return plan
 
 
-def count_plan(model: VQAModel, strategy: str) -> AdaptationPlan:
-    """Count trainable / total parameters per tower and per encoder layer."""
+def rewritten_weights(model: VQAModel) -> list[str]:
+    """Frozen base weights that the LoRA initialisation rewrote (PiSSA keeps the residual
+    W - B A in the base layer): checkpoints hold them, since the pretrained tower does not."""
+    from peft.tuners.lora import LoraLayer
+
+    names = []
+    for attribute in ("vision", "projector", "text"):
+        root = getattr(model, attribute)
+        if root is None:
+            continue
+        configs = getattr(root, "peft_config", {})
+        for module_name, module in root.named_modules():
+            if isinstance(module, LoraLayer) and any(
+                configs[a].init_lora_weights == "pissa" for a in module.lora_A if a in configs
+            ):
+                names.append(f"{attribute}.{module_name}.base_layer.weight")
+    return names
+
+
+@dataclass
+class TrainingMap:
+    """Where something trains: per tower, per (tower, 1-based layer), and before the layers."""
+
+    towers: dict[str, bool]
+    layers: dict[tuple[str, int], bool]
+    before_layers: dict[str, bool]
+
+    @classmethod
+    def of(cls, model: VQAModel) -> TrainingMap:
+        towers_of = parameter_towers(model)
+        before = _before_layers(model)
+        out = cls({t: False for t in TOWERS}, {}, {t: False for t in TOWERS})
+        for name, param in model.named_parameters():
+            tower, trains = towers_of[name], param.requires_grad
+            out.towers[tower] |= trains
+            where = layer_of(model, name)
+            if where is not None:
+                out.layers[where] = out.layers.get(where, False) or trains
+            elif _is_before_layers(tower, name, param, before):
+                out.before_layers[tower] |= trains
+        return out
+
+    def first_trained_layer(self, tower: str, depth: int) -> int | None:
+        """The first layer (1-based) the backward pass goes through in a tower trained on its
+        own: 1 when its embeddings train, else its first layer with anything trainable."""
+        if not self.towers[tower]:
+            return None
+        if self.before_layers[tower]:
+            return 1
+        return next((i for i in range(1, depth + 1) if self.layers.get((tower, i))), None)
+
+
+def _set_model_flags(model: VQAModel) -> None:
+    """What the caches and ``VQAModel.train`` need to know: the leading text-encoder layers
+    and vision parts with nothing trainable, and every other module that has none."""
+    training = TrainingMap.of(model)
+    trains, layer_trains = training.towers, training.layers
+    num_text = model.text_layout.num_layers
+    first = training.first_trained_layer("text_encoder", num_text)
+    model.text_cache_layers = num_text if first is None else first - 1
+    model.vision_frozen = not trains["vision"]
+    model.vision_embeddings_frozen = not training.before_layers["vision"]
+    frozen: list[nn.Module] = []
+    if model.projector is not None and not trains["projector"]:
+        frozen.append(model.projector)
+    if not trains["text_decoder"]:
+        frozen.append(model.text.get_decoder())
+    for tower in ("vision", "text_encoder", "text_decoder"):
+        layers = model.tower_layers(tower)
+        if layers is None or not trains[tower]:
+            continue
+        frozen += [layer for i, layer in enumerate(layers) if not layer_trains.get((tower, i + 1))]
+    model.frozen_modules = frozen
+
+
+# -- counting -------------------------------------------------------------------------------
+def lora_modules(model: VQAModel) -> dict[str, list[str]]:
+    """The LoRA-wrapped modules of each tower, by name."""
+    out: dict[str, list[str]] = {tower: [] for tower in TOWERS}
+    towers = parameter_towers(model)
+    for name in towers:
+        if ".lora_" in name:
+            module = name.split(".lora_", 1)[0]
+            if module not in out[towers[name]]:
+                out[towers[name]].append(module)
+    return out
+
+
+def count_plan(
+    model: VQAModel, strategy: str, shapes: ActivationShapes | None = None
+) -> AdaptationPlan:
+    """Count trainable / total parameters per tower and per layer, the optimizer state and
+    the memory estimate."""
     per_tower = {tower: {"trainable": 0, "total": 0} for tower in TOWERS}
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     towers = parameter_towers(model)
+    trainable_tensors = 0
     for name, param in model.named_parameters():
         tower = towers[name]
         n = param.numel()
         per_tower[tower]["total"] += n
         if param.requires_grad:
             per_tower[tower]["trainable"] += n
+            trainable_tensors += 1
         where = layer_of(model, name)
         if where is None:
             continue
@@ -203,6 +444,7 @@ def count_plan(model: VQAModel, strategy: str) -> AdaptationPlan:
             row["trainable"] += n
             row["lora" if ".lora_" in name else "base"] = True
     modes = {(True, True): "full+lora", (True, False): "full", (False, True): "lora"}
+    order = {tower: i for i, tower in enumerate(TOWERS)}
     layers = [
         LayerRow(
             tower,
@@ -211,23 +453,16 @@ def count_plan(model: VQAModel, strategy: str) -> AdaptationPlan:
             row["trainable"],
             row["total"],
         )
-        for (tower, index), row in sorted(rows.items())
+        for (tower, index), row in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
     ]
     total_layers = model.text_layout.num_layers
     adapted = [row.layer for row in layers if row.tower == "text_encoder" and row.mode != "frozen"]
-    from peft.tuners.lora import LoraLayer
-
-    lora = {
-        "text": [f"text.{n}" for n, m in model.text.named_modules() if isinstance(m, LoraLayer)],
-        "vision": [
-            f"vision.{n}" for n, m in model.vision.named_modules() if isinstance(m, LoraLayer)
-        ]
-        if model.vision is not None
-        else [],
-    }
+    lora = lora_modules(model)
     trainable = sum(t["trainable"] for t in per_tower.values())
     total = sum(t["total"] for t in per_tower.values())
-    return AdaptationPlan(
+    # AdamW keeps two moments per trainable value and a float32 step count per tensor.
+    optimizer_bytes = 2 * BYTES_PER_FP32 * trainable + BYTES_PER_FP32 * trainable_tensors
+    plan = AdaptationPlan(
         strategy=strategy,
         trainable=trainable,
         total=total,
@@ -236,11 +471,15 @@ def count_plan(model: VQAModel, strategy: str) -> AdaptationPlan:
         lora_modules=lora,
         text_encoder_layers_adapted=adapted,
         text_encoder_layers_total=total_layers,
-        coverage=coverage_text(adapted, total_layers, bool(lora["text"])),
+        coverage=coverage_text(adapted, total_layers, bool(lora["text_encoder"])),
         text_cache_layers=model.text_cache_layers,
         vision_frozen=model.vision_frozen,
-        memory_estimate_mb=estimate_memory(total, trainable),
+        optimizer_state_bytes=optimizer_bytes,
     )
+    plan.memory_estimate_mib = estimate_memory(
+        model, plan, shapes or ActivationShapes.for_model(model)
+    )
+    return plan
 
 
 def coverage_text(adapted: list[int], total_layers: int, lora: bool) -> str:
@@ -255,42 +494,252 @@ def coverage_text(adapted: list[int], total_layers: int, lora: bool) -> str:
     return f"layers {span} only ({share:.0f}% of encoder){how}"
 
 
-def estimate_memory(total: int, trainable: int) -> dict[str, float]:
-    """A coarse fp32 estimate (MB): weights, gradients and AdamW's two moments.
+# -- memory ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActivationShapes:
+    """The sizes the activation estimate assumes: ``batch`` questions of ``question_tokens``
+    tokens (the truncation limit: an upper bound), answers of ``answer_tokens`` decoder
+    positions, ``image_tokens`` vision tokens per image, activations in ``precision``."""
 
-    Activations depend on batch and sequence sizes and are not included.
+    batch: int = 32
+    question_tokens: int = 48
+    answer_tokens: int = 16
+    image_tokens: int = 0
+    precision: str = "no"  # "no" (fp32), "bf16" or "fp16"
+
+    @property
+    def bytes_per_value(self) -> int:
+        return BYTES_PER_FP32 if self.precision == "no" else 2
+
+    @classmethod
+    def for_model(
+        cls,
+        model: VQAModel,
+        batch: int = 32,
+        question_tokens: int = 48,
+        answer_tokens: int = 16,
+        image_size: int | None = None,
+        precision: str = "no",
+    ) -> ActivationShapes:
+        """Shapes for ``model``: its vision tokens from ``image_size`` (the preprocessing's
+        crop; default the vision config's) and its patch size (CLS and registers included)."""
+        tokens = 0
+        if model.vision is not None:
+            config = model.vision.config
+            size = image_size or config.image_size
+            tokens = (size // config.patch_size) ** 2 + 1
+            tokens += getattr(config, "num_register_tokens", 0) or 0
+        return cls(batch, question_tokens, answer_tokens, tokens, precision)
+
+
+_KEY_SIDE = re.compile(r".*(encoder_attn|EncDecAttention)\.(k_proj|v_proj|k|v)$")
+
+
+def _heads(config, tower: str) -> int:
+    names = {
+        "vision": ("num_attention_heads",),
+        "text_encoder": ("encoder_attention_heads", "num_heads"),
+        "text_decoder": ("decoder_attention_heads", "num_heads"),
+    }[tower]
+    return next(getattr(config, n) for n in names if getattr(config, n, None))
+
+
+def _layer_values(
+    layer: nn.Module, tower: str, heads: int, d: int, queries: int, keys: int
+) -> tuple[int, int]:
+    """(values autograd keeps for one layer, values it keeps when the layer is checkpointed:
+    its input), per sample. Per query token: norm inputs and residuals (4 d), the attention's
+    q, k, v, output and projection input (4-6 a), the feed-forward's hidden before and after
+    its activation (2 f), the attention probabilities (heads x keys); a decoder layer adds
+    cross-attention (its keys and values per key token). LoRA adds the dropped-out input and
+    the rank-r product of every adapted module."""
+    linears = {
+        n.removesuffix(".base_layer"): m
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and ".lora_" not in n
+    }
+    width = max(m.out_features for m in linears.values())  # the feed-forward's hidden size
+    attention = next(
+        m.out_features for n, m in linears.items() if n.rsplit(".", 1)[-1] in ("q_proj", "q")
+    )
+    if tower == "text_decoder":
+        values = queries * (6 * d + 6 * attention + 2 * width) + 2 * attention * keys
+        values += heads * queries * (queries + keys)
+    else:
+        values = queries * (4 * d + 4 * attention + 2 * width) + heads * queries * queries
+    for name, module in layer.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        tokens = keys if tower == "text_decoder" and _KEY_SIDE.match(name) else queries
+        for adapter, down in module.lora_A.items():
+            dropped = isinstance(module.lora_dropout[adapter], nn.Dropout)
+            values += tokens * ((down.in_features if dropped else 0) + down.out_features)
+    return values, queries * d
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """One tower's activation estimate for a batch, in bytes: what autograd keeps without
+    gradient checkpointing, what it keeps with it (each layer's input), and what one layer
+    holds again while the backward pass recomputes it (the largest layer)."""
+
+    plain: float
+    checkpointed: float
+    recompute: float
+
+
+def activation_bytes(model: VQAModel, shapes: ActivationShapes) -> dict[str, ActivationBytes]:
+    """The activations autograd keeps for one batch of ``shapes``, per tower (an estimate).
+
+    Kept for every layer the backward pass goes through: in an encoder from its first layer
+    with anything trainable (all of them when its embeddings train) to the last; in the
+    decoder every layer when anything upstream trains (each layer's cross-attention reads the
+    encoder states), else from its first trainable layer; the projector's when it or the
+    vision tower trains; the LM head's logits always (in fp32, for the loss). The per-layer
+    counts are ``_layer_values``'s (padding to the speed paths' key and grid multiples not
+    counted); ``tests/test_menu.py`` measures them against the tensors autograd saves on the
+    tiny models (within 0.6-1.5x), ``bench/checkpointing_memory.py`` on a GPU at real shapes.
     """
-    mb = 1024 * 1024
-    weights = total * BYTES_PER_FP32 / mb
-    grads = trainable * BYTES_PER_FP32 / mb
-    adam = 2 * trainable * BYTES_PER_FP32 / mb
+    b, per_value = shapes.batch, shapes.bytes_per_value
+    training = TrainingMap.of(model)
+    trains = training.towers
+    first = {
+        tower: training.first_trained_layer(tower, len(model.tower_layers(tower) or ()))
+        for tower in ("vision", "text_encoder", "text_decoder")
+    }
+    if trains["vision"] or trains["projector"] or trains["text_encoder"]:
+        first["text_decoder"] = 1
+    text = model.text.config
+    d = text.d_model
+    sizes = {
+        "vision": (shapes.image_tokens, shapes.image_tokens),
+        "text_encoder": (shapes.question_tokens, shapes.question_tokens),
+        "text_decoder": (shapes.answer_tokens, shapes.question_tokens + shapes.image_tokens),
+    }
+    out = {}
+    for tower in ("vision", "text_encoder", "text_decoder"):
+        layers = model.tower_layers(tower)
+        start = first[tower]
+        if layers is None or start is None:
+            out[tower] = ActivationBytes(0.0, 0.0, 0.0)
+            continue
+        config = model.vision.config if tower == "vision" else text
+        width = config.hidden_size if tower == "vision" else d
+        queries, keys = sizes[tower]
+        heads = _heads(config, tower)
+        # A layer with nothing trainable runs in eval mode, and checkpointing (transformers'
+        # rule, which the speed paths follow) recomputes layers in training mode only.
+        frozen = {id(module) for module in model.frozen_modules}
+        whole_tower_frozen = tower == "text_decoder" and id(model.text.get_decoder()) in frozen
+        costs, recomputed = [], []
+        for layer in list(layers)[start - 1 :]:
+            full, inputs = _layer_values(layer, tower, heads, width, queries, keys)
+            in_training = not whole_tower_frozen and id(layer) not in frozen
+            costs.append((full, inputs if in_training else full))
+            recomputed.append(full if in_training else 0)
+        # around the layers: the embeddings' and the final norm's outputs; a checkpointed
+        # decoder also keeps the encoder states its layers read (one tensor for all of them)
+        around = 2 * queries * width
+        states = keys * width if tower == "text_decoder" else 0
+        out[tower] = ActivationBytes(
+            b * (sum(full for full, _ in costs) + around) * per_value,
+            b * (sum(kept for _, kept in costs) + around + states) * per_value,
+            b * max(recomputed) * per_value,
+        )
+    projector = 0.0
+    if model.projector is not None and (trains["vision"] or trains["projector"]):
+        vision_width = model.vision.config.hidden_size
+        projector = b * shapes.image_tokens * (2 * vision_width + 2 * d) * per_value
+    out["projector"] = ActivationBytes(projector, projector, 0.0)
+    head = b * shapes.answer_tokens * 2 * text.vocab_size * BYTES_PER_FP32
+    out["lm_head"] = ActivationBytes(head, head, 0.0)
+    return out
+
+
+def estimate_memory(
+    model: VQAModel, plan: AdaptationPlan, shapes: ActivationShapes
+) -> dict[str, Any]:
+    """Training memory in MiB: fp32 weights, gradients and AdamW state (exact), and the
+    activations of one batch of ``shapes`` (``activation_bytes``), with the towers in
+    ``model.checkpointed`` checkpointed, and for comparison with none and with every tower
+    checkpointed. Checkpointed towers keep each layer's input, and one layer's activations
+    exist again while the backward pass recomputes it (the largest such layer is added)."""
+    per_tower = activation_bytes(model, shapes)
+
+    def activations(towers: tuple[str, ...]) -> tuple[dict[str, float], float]:
+        kept = {
+            tower: (a.checkpointed if tower in towers else a.plain) / MIB
+            for tower, a in per_tower.items()
+        }
+        peak = max((per_tower[t].recompute for t in towers if t in per_tower), default=0.0)
+        return kept, sum(kept.values()) + peak / MIB
+
+    in_effect, total_activations = activations(model.checkpointed)
+    _, none = activations(())
+    _, every = activations(menu.CHECKPOINTABLE)
+    static = (
+        plan.total * BYTES_PER_FP32 + plan.trainable * BYTES_PER_FP32 + plan.optimizer_state_bytes
+    ) / MIB
     return {
-        "weights": round(weights, 1),
-        "gradients": round(grads, 1),
-        "optimizer": round(adam, 1),
-        "total_without_activations": round(weights + grads + adam, 1),
+        "batch_size": shapes.batch,
+        "question_tokens": shapes.question_tokens,
+        "answer_tokens": shapes.answer_tokens,
+        "image_tokens": shapes.image_tokens,
+        "activation_precision": {"no": "fp32"}.get(shapes.precision, shapes.precision),
+        "weights": round(plan.total * BYTES_PER_FP32 / MIB, 1),
+        "gradients": round(plan.trainable * BYTES_PER_FP32 / MIB, 1),
+        "optimizer": round(plan.optimizer_state_bytes / MIB, 1),
+        "activations": round(total_activations, 1),
+        "activations_per_tower": {k: round(v, 1) for k, v in in_effect.items()},
+        "activations_without_checkpointing": round(none, 1),
+        "activations_with_checkpointing": round(every, 1),
+        "checkpointed": list(model.checkpointed),
+        "total": round(static + total_activations, 1),
     }
 
 
-def lora_parameter_count(model: VQAModel, tower: str, targets: str, r: int) -> int:
-    """Exact LoRA parameter count for rank r on every layer of a tower (no injection needed)."""
-    layout = model.text_layout if tower == "text" else model.vision_layout
-    module = model.text if tower == "text" else model.vision
-    if layout is None or module is None:
+def lora_parameter_count(
+    model: VQAModel,
+    tower: str,
+    targets: str,
+    r: int,
+    layers: tuple[int, ...] | None = None,
+    variant: str = "lora",
+) -> int:
+    """Exact LoRA parameter count for rank r on the chosen layers of a tower (no injection
+    needed): r (in + out) per adapted linear layer, plus out for DoRA's magnitude vector.
+    ``tower``: "text" (the text encoder, as in the seed), "vision", "decoder" or "projector"."""
+    tower = {"text": "text_encoder", "decoder": "text_decoder"}.get(tower, tower)
+    if not _tower_exists(model, tower):
         return 0
-    layers = model.text_encoder_layers() if tower == "text" else model.vision_layers()
-    names = resolve_targets(targets, layout, layers[0])
+    stack = model.tower_layers(tower)
+    chosen = [model.projector] if stack is None else list(stack)
+    if layers is not None:
+        chosen = [chosen[i - 1] for i in layers]
+    names = resolve_targets(targets, _layout(model, tower), chosen[0])
     total = 0
-    for layer in layers:
+    for layer in chosen:
         for name, sub in layer.named_modules():
-            if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in names:
+            name = name.removesuffix(".base_layer")  # a model that holds LoRA already
+            if (
+                isinstance(sub, nn.Linear)
+                and ".lora_" not in name
+                and name.rsplit(".", 1)[-1] in names
+            ):
                 total += r * (sub.in_features + sub.out_features)
+                total += sub.out_features if variant == "dora" else 0
     return total
 
 
+# -- the printed plan -----------------------------------------------------------------------
 def format_plan(plan: AdaptationPlan, per_layer: bool = True) -> str:
     """The coverage table printed by ``vqadapt plan`` (one fixed format)."""
     lines = [f"strategy: {plan.strategy}", ""]
+    if plan.choices:
+        lines.append(
+            "towers: " + ", ".join(f"{tower} {choice}" for tower, choice in plan.choices.items())
+        )
+        lines.append("")
     lines.append(f"{'tower':<14}{'trainable':>14}{'total':>14}{'share':>9}")
     for tower, counts in plan.per_tower.items():
         if counts["total"] == 0:
@@ -312,10 +761,29 @@ def format_plan(plan: AdaptationPlan, per_layer: bool = True) -> str:
         if modules:
             lines.append("")
             lines.append(f"{tower} LoRA modules matched: {len(modules)} (e.g. {modules[0]})")
-    mem = plan.memory_estimate_mb
-    lines.append("")
-    lines.append(
-        f"memory estimate (fp32, no activations): weights {mem['weights']} MB + gradients "
-        f"{mem['gradients']} MB + AdamW {mem['optimizer']} MB = {mem['total_without_activations']} MB"
-    )
+    lines += ["", *format_memory(plan)]
     return "\n".join(lines)
+
+
+def format_memory(plan: AdaptationPlan) -> list[str]:
+    """The memory lines of the plan (MiB, 2^20 bytes)."""
+    mem = plan.memory_estimate_mib
+    if not mem:
+        return []
+    shape = (
+        f"batch {mem['batch_size']}, {mem['question_tokens']} question / "
+        f"{mem['answer_tokens']} answer / {mem['image_tokens']} image tokens"
+    )
+    towers = ", ".join(f"{k} {v:,.1f}" for k, v in mem["activations_per_tower"].items() if v)
+    checkpointed = ", ".join(mem["checkpointed"]) or "none"
+    lines = [
+        f"memory estimate (MiB; weights, gradients and AdamW state fp32, activations "
+        f"{mem['activation_precision']} at {shape}):",
+        f"  weights {mem['weights']:,.1f} + gradients {mem['gradients']:,.1f} + AdamW state "
+        f"{mem['optimizer']:,.1f} ({plan.optimizer_state_bytes:,} bytes) + activations "
+        f"{mem['activations']:,.1f} = {mem['total']:,.1f} MiB",
+        f"  activations per tower: {towers or 'none'} (gradient checkpointing: {checkpointed})",
+        f"  activations without gradient checkpointing {mem['activations_without_checkpointing']:,.1f}"
+        f" MiB, with it in every tower {mem['activations_with_checkpointing']:,.1f} MiB",
+    ]
+    return lines

@@ -1,13 +1,15 @@
 """Load the pretrained towers by hub id or local folder, and know each family's layout.
 
 Later code (LoRA targets, "unfreeze the last N layers", per-layer reports, prefix caching)
-asks this module for a family's encoder layer list and attention projection names instead of
-hard-coding them.
+asks for a tower's layout (its family's layer list and attention projection names, from
+``families.py``) instead of hard-coding them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,33 +17,14 @@ import torch
 from torch import nn
 
 from vqadapt.errors import VQAConfigError
+from vqadapt.families import get_submodule, text_family, vision_family
 
-# Attention projection names by convention, tried in this order on the first encoder layer.
-PROJECTION_NAME_SETS: tuple[tuple[str, str, str], ...] = (
-    ("q_proj", "k_proj", "v_proj"),  # MBart, BART, BARTpho, DINOv2 (transformers 5), CLIP, SigLIP
-    ("q", "k", "v"),  # T5, mT5, ViT5
-    ("query", "key", "value"),  # older ViT / DINOv2 checkpoints
-)
-
-# Where each family keeps its encoder layers (attribute paths from the loaded model).
-TEXT_ENCODER_LAYERS = {
-    "mbart": "model.encoder.layers",
-    "bart": "model.encoder.layers",
-    "t5": "encoder.block",
-    "mt5": "encoder.block",
-}
-VISION_ENCODER_LAYERS = {
-    "dinov2": "encoder.layer",
-    "dinov2_with_registers": "encoder.layer",
-    "vit": "encoder.layer",
-    "clip_vision_model": "encoder.layers",
-    "siglip_vision_model": "encoder.layers",
-}
+__all__ = ["TowerLayout", "decoder_layout", "get_submodule", "text_layout", "vision_layout"]
 
 
 @dataclass(frozen=True)
 class TowerLayout:
-    """Names inside one loaded tower, relative to the tower module."""
+    """Names inside one loaded tower, relative to the tower module (from its family)."""
 
     family: str
     layers_path: str
@@ -52,57 +35,64 @@ class TowerLayout:
         return f"{self.layers_path}.{index}."
 
 
-def get_submodule(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def find_projections(layer: nn.Module) -> tuple[str, ...]:
-    """The q/k/v projection names this layer uses (first matching convention)."""
-    leaf_names = {
-        name.rsplit(".", 1)[-1] for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)
+def linear_names(layer: nn.Module) -> set[str]:
+    """Leaf names of the linear layers inside one layer (a LoRA-wrapped one by its own name)."""
+    return {
+        name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+        for name, mod in layer.named_modules()
+        if isinstance(mod, nn.Linear) and ".lora_" not in name
     }
-    for names in PROJECTION_NAME_SETS:
-        if set(names) <= leaf_names:
-            return names
-    raise VQAConfigError(
-        f"could not find attention projections in {type(layer).__name__}; "
-        f"linear layers present: {sorted(leaf_names)}"
+
+
+def _layout(model: nn.Module, family) -> TowerLayout:
+    layers = get_submodule(model, family.layers_path)
+    present = linear_names(layers[0])
+    if not set(family.projections) <= present:
+        raise VQAConfigError(
+            f"a {model.config.model_type} encoder layer has no {'/'.join(family.projections)} projections; "
+            f"linear layers present: {sorted(present)}"
+        )
+    return TowerLayout(
+        model.config.model_type, family.layers_path, len(layers), tuple(family.projections)
     )
 
 
-def _layout(model: nn.Module, table: dict[str, str], what: str) -> TowerLayout:
-    family = model.config.model_type
-    if family not in table:
-        raise VQAConfigError(
-            f"{what} model family {family!r} is not supported; use one of {sorted(table)}"
-        )
-    layers = get_submodule(model, table[family])
-    return TowerLayout(family, table[family], len(layers), find_projections(layers[0]))
-
-
 def text_layout(model: nn.Module) -> TowerLayout:
-    return _layout(model, TEXT_ENCODER_LAYERS, "text")
+    return _layout(model, text_family(model))
+
+
+def decoder_layout(model: nn.Module) -> TowerLayout:
+    """The decoder's layers: the family's ``decoder_layers_path``, the same projection names
+    (they name self- and cross-attention alike)."""
+    family = text_family(model)
+    layers = get_submodule(model, family.decoder_layers_path)
+    return TowerLayout(
+        model.config.model_type, family.decoder_layers_path, len(layers), tuple(family.projections)
+    )
 
 
 def vision_layout(model: nn.Module) -> TowerLayout:
-    return _layout(model, VISION_ENCODER_LAYERS, "vision")
+    return _layout(model, vision_family(model))
 
 
-def resolve_targets(requested: str, layout: TowerLayout, layer: nn.Module) -> tuple[str, ...]:
-    """Turn ``--*_lora_targets`` ("auto" or "a,b,c") into projection names that exist."""
+def resolve_targets(
+    requested: str, layout: TowerLayout | None, layer: nn.Module
+) -> tuple[str, ...]:
+    """Turn ``--*_lora_targets`` ("auto", "all-linear" or "a,b,c") into names of linear layers
+    that exist in ``layer`` (one layer of the stack, or the projector); ``layout`` None: "auto"
+    is every linear layer too (the projector)."""
+    present = linear_names(layer)
+    if requested.strip() == "all-linear" or (requested.strip() == "auto" and layout is None):
+        return tuple(sorted(present))
     if requested.strip() == "auto":
         return layout.projections
     names = tuple(name.strip() for name in requested.split(",") if name.strip())
-    present = {
-        name.rsplit(".", 1)[-1] for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)
-    }
     missing = [name for name in names if name not in present]
     if not names or missing:
         raise VQAConfigError(
-            f"LoRA target(s) {missing or requested!r} match no linear layer of a {layout.family} "
-            f"encoder layer; available: {', '.join(sorted(present))}"
+            f"LoRA target(s) {missing or requested!r} match no linear layer of "
+            f"{f'a {layout.family} layer' if layout else 'the projector'}; available: "
+            f"{', '.join(sorted(present))}"
         )
     return names
 
@@ -133,21 +123,55 @@ def _offline_hint(name: str, what: str, err: Exception) -> VQAConfigError:
     )
 
 
+@contextlib.contextmanager
+def loading(name_or_path: str, what: str) -> Iterator[None]:
+    """One message for whatever loading a tower, tokenizer or image processor raises: code
+    that needs ``--trust_remote_code``, a damaged local folder, a hub id out of reach."""
+    try:
+        yield
+    except VQAConfigError:
+        raise
+    except Exception as err:
+        text = str(err)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise VQAConfigError(
+                f"the {what} {name_or_path} comes with code of its own (an auto_map or a custom "
+                "model type): vqadapt runs such code only when --trust_remote_code is given on "
+                "the command line, never because a stored setting (a run's config.yaml) says "
+                "so. Nothing of it was run."
+            ) from None
+        if Path(name_or_path).exists():
+            first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+            raise VQAConfigError(
+                f"could not load the {what} from {name_or_path}: its files are damaged or "
+                f"not a model folder ({type(err).__name__}: {first})"
+            ) from None
+        if isinstance(err, OSError):
+            raise _offline_hint(name_or_path, what, err) from None
+        raise VQAConfigError(f"could not load the {what} {name_or_path!r}: {err}") from None
+
+
+def load_config(name_or_path: str, what: str, trust_remote_code: bool = False):
+    """A tower's ``config.json`` (no weights), with ``loading``'s messages."""
+    from transformers import AutoConfig
+
+    check_source(name_or_path, what)
+    with loading(name_or_path, what):
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
 def load_vision(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """The vision encoder alone (a CLIP/SigLIP checkpoint gives its vision tower)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    check_source(name_or_path, "vision model")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_path, "vision model", trust_remote_code)
+    with loading(name_or_path, "vision model"):
         if config.model_type in ("clip", "siglip"):
             from transformers import CLIPVisionModel, SiglipVisionModel
 
             klass = CLIPVisionModel if config.model_type == "clip" else SiglipVisionModel
             return klass.from_pretrained(name_or_path)
         return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _offline_hint(name_or_path, "vision model", err) from err
 
 
 def load_text(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
@@ -155,21 +179,17 @@ def load_text(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForSeq2SeqLM
 
     check_source(name_or_path, "text model")
-    try:
+    with loading(name_or_path, "text model"):
         return AutoModelForSeq2SeqLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
-        raise _offline_hint(name_or_path, "text model", err) from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
+    with loading(name_or_path, "tokenizer"):
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _offline_hint(name_or_path, "tokenizer", err) from err
 
 
 @dataclass(frozen=True)
@@ -204,11 +224,15 @@ def load_image_preprocessing(name_or_path: str) -> ImagePreprocessing:
     """Read size, crop and normalisation from ``preprocessor_config.json``."""
     from transformers.utils import cached_file
 
-    try:
+    with loading(name_or_path, "image processor"):
         config_file = cached_file(name_or_path, "preprocessor_config.json")
-    except OSError as err:
-        raise _offline_hint(name_or_path, "image processor", err) from err
-    values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError("preprocessor_config.json is not a JSON object")
+        return _preprocessing(values)
+
+
+def _preprocessing(values: dict) -> ImagePreprocessing:
     size = values.get("size", 224)
     if isinstance(size, dict):
         resize = size.get("shortest_edge") or size.get("height") or 224
@@ -217,9 +241,8 @@ def load_image_preprocessing(name_or_path: str) -> ImagePreprocessing:
     crop = values.get("crop_size", resize) if values.get("do_center_crop", True) else resize
     if isinstance(crop, dict):
         crop = crop.get("height", resize)
-    return ImagePreprocessing(
-        resize=int(resize),
-        crop=int(crop),
-        mean=tuple(values.get("image_mean", (0.485, 0.456, 0.406))),
-        std=tuple(values.get("image_std", (0.229, 0.224, 0.225))),
-    )
+    mean = tuple(float(v) for v in values.get("image_mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in values.get("image_std", (0.229, 0.224, 0.225)))
+    if int(resize) <= 0 or int(crop) <= 0 or len(mean) != 3 or len(std) != 3 or 0 in std:
+        raise ValueError(f"impossible preprocessing: size {resize}, crop {crop}, std {std}")
+    return ImagePreprocessing(resize=int(resize), crop=int(crop), mean=mean, std=std)

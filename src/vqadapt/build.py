@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vqadapt.adapt import AdaptationPlan, apply_adaptation
+from vqadapt import menu, speed
+from vqadapt.adapt import ActivationShapes, AdaptationPlan, apply_adaptation
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -16,7 +17,7 @@ from vqadapt.backbones import (
     load_tokenizer,
     load_vision,
 )
-from vqadapt.cache import Precision, Ranks, cache_key, keep_on_device, make_caches, plan_caches
+from vqadapt.cache import cache_key, keep_on_device, make_caches, plan_caches
 from vqadapt.config import RunConfig
 from vqadapt.data.images import ImageIndex
 from vqadapt.data.pipeline import (
@@ -31,6 +32,8 @@ from vqadapt.data.pipeline import (
 )
 from vqadapt.errors import VQADataError
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime
+from vqadapt.speed import SpeedPaths
 
 Log = Callable[[str], None]
 
@@ -56,9 +59,10 @@ def resolve_backbones(config: RunConfig, log: Log) -> Backbones:
 
 
 def build_model(
-    config: RunConfig, backbones: Backbones
+    config: RunConfig, backbones: Backbones, device: torch.device | str = "cpu"
 ) -> tuple[VQAModel, AdaptationPlan, object, ImagePreprocessing | None]:
-    """Load the towers, assemble the model and decide what trains (seeded, so reproducible)."""
+    """Load the towers, assemble the model, decide what trains (seeded, so reproducible),
+    install the device's speed paths and move the model there."""
     check_adaptation(config, backbones)
     torch.manual_seed(config.train.seed)
     remote = config.model.trust_remote_code
@@ -67,8 +71,32 @@ def build_model(
     vision = load_vision(backbones.vision, remote) if backbones.vision else None
     preprocessing = load_image_preprocessing(backbones.vision) if backbones.vision else None
     model = VQAModel(vision, text, dropout=config.train.dropout)
-    plan = apply_adaptation(model, config.adapt, blind=config.model.blind)
-    return model, plan, tokenizer, preprocessing
+    t = config.train
+    if t.gradient_checkpointing:
+        towers = menu.parse_names(
+            t.gradient_checkpointing_towers, menu.CHECKPOINTABLE, "gradient_checkpointing_towers"
+        )
+        model.set_gradient_checkpointing(towers)
+    shapes = ActivationShapes.for_model(
+        model,
+        batch=t.batch_size,
+        question_tokens=config.data.max_question_tokens,
+        answer_tokens=config.data.max_answer_tokens,
+        image_size=preprocessing.crop if preprocessing else None,
+        precision=activation_precision(t.mixed_precision, torch.device(device)),
+    )
+    plan = apply_adaptation(model, config.adapt, blind=config.model.blind, shapes=shapes)
+    speed.install(model, SpeedPaths.parse(t.speed_paths, device))
+    return model.to(device), plan, tokenizer, preprocessing
+
+
+def activation_precision(setting: str, device: torch.device) -> str:
+    """The precision activations take under ``--mixed_precision setting`` on ``device`` (auto:
+    bf16 on a CUDA GPU that supports it, else fp32), for the plan's memory estimate."""
+    if setting != "auto":
+        return setting
+    cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if cuda else "no"
 
 
 def _stat_list(folder: Path) -> list[tuple[str, int, int]]:
@@ -114,7 +142,12 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
     )
     memo = cache_root() / "checks" / f"{key}.json"
     if memo.is_file():
-        return json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+        try:  # a damaged memo (truncated, zeroed, foreign) is only a reason to check again
+            skipped = json.loads(memo.read_text(encoding="utf-8"))["skipped_images"]
+            if isinstance(skipped, list) and all(isinstance(ref, str) for ref in skipped):
+                return skipped
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            pass
     report = check_dataset(
         files["train"],
         files["test"],
@@ -133,48 +166,40 @@ def validate_data(config: RunConfig, embedded_data: Path | None, log: Log) -> li
         log(report.format(max_per_kind=5))
     from vqadapt.io import atomic_write_json
 
-    atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    try:
+        atomic_write_json(memo, {"skipped_images": report.skipped_images})
+    except OSError as err:  # only a memo: the check ran, the run goes on
+        if memo.is_dir():
+            log(f"could not remember the data check in {memo} ({err.strerror})")
+        else:
+            raise
     return report.skipped_images
 
 
 def check_adaptation(config: RunConfig, backbones: Backbones) -> None:
-    """Check layer counts and LoRA targets against the towers' config.json, before any weight
-    loads: the towers are built on the meta device (shapes only, no memory, no weights)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+    """Check every tower choice against the towers' config.json (layer counts, LoRA layers and
+    targets) before any weight loads: the model is assembled on the meta device (shapes only,
+    no memory, no weights) and ``adapt.check_choices`` looks at it."""
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
 
-    from vqadapt.backbones import (
-        check_source,
-        get_submodule,
-        resolve_targets,
-        text_layout,
-        vision_layout,
-    )
-    from vqadapt.errors import VQAConfigError
+    from vqadapt.adapt import check_choices
+    from vqadapt.backbones import load_config, loading
 
-    adapt, remote = config.adapt, config.model.trust_remote_code
-    check_source(backbones.text, "text model")
+    remote = config.model.trust_remote_code
+    text_config = load_config(backbones.text, "text model", remote)
+    vision_config = None
+    if backbones.vision:
+        vision_config = load_config(backbones.vision, "vision model", remote)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
     with torch.device("meta"):
-        text = AutoModelForSeq2SeqLM.from_config(
-            AutoConfig.from_pretrained(backbones.text, trust_remote_code=remote)
-        )
-        layout = text_layout(text)
-        if adapt.unfreeze_encoder_layers > layout.num_layers:
-            raise VQAConfigError(
-                f"--unfreeze_encoder_layers {adapt.unfreeze_encoder_layers} is out of range: the "
-                f"text encoder has {layout.num_layers} layers"
-            )
-        if adapt.use_text_lora:
-            first = get_submodule(text, layout.layers_path)[0]
-            resolve_targets(adapt.text_lora_targets, layout, first)
-        if adapt.use_vision_lora and backbones.vision:
-            check_source(backbones.vision, "vision model")
-            vision_config = AutoConfig.from_pretrained(backbones.vision, trust_remote_code=remote)
-            vision_config = getattr(vision_config, "vision_config", vision_config)
-            vision = AutoModel.from_config(vision_config)
-            layout = vision_layout(vision)
-            resolve_targets(
-                adapt.vision_lora_targets, layout, get_submodule(vision, layout.layers_path)[0]
-            )
+        with loading(backbones.text, "text model"):
+            text = AutoModelForSeq2SeqLM.from_config(text_config, trust_remote_code=remote)
+        vision = None
+        if vision_config is not None:
+            with loading(backbones.vision, "vision model"):
+                vision = AutoModel.from_config(vision_config, trust_remote_code=remote)
+        model = VQAModel(vision, text)
+    check_choices(model, config.adapt, menu.resolve(config.adapt))
 
 
 @dataclass
@@ -204,25 +229,24 @@ def build_data(
     answer_weight=None,
     log: Log = print,
     splits: Splits | None = None,
+    runtime: Runtime | None = None,
     *,
-    device: torch.device | None = None,
-    compute_dtype: torch.dtype | None = None,
-    rank: int = 0,
-    world: int = 1,
-    barrier: Callable[[], None] | None = None,
     resident: bool | None = None,
     shard_items: int | None = None,
     workers: int | None = None,
 ) -> DataBundle:
-    """Tokenised splits, image slots, and the frozen-feature caches (built when missing).
+    """Tokenised splits, image slots, the frozen-feature caches (built when missing) and a
+    collator per split.
 
-    The model is already on ``device`` (default: its parameters' device); the frozen towers run
-    there, under ``torch.autocast`` with ``compute_dtype`` when given. Under several processes
-    (``rank`` of ``world``, meeting at ``barrier``) each builds its share of the cache shards,
-    then every process reads them all. ``resident`` forces holding the caches on the device
-    (default: when they fit); ``shard_items`` fixes the items per shard (default: about 64 MB
-    per shard); ``workers`` the decoding processes per stream (default: one per spare core).
+    The model is already on the runtime's device; the frozen towers run there, under the
+    runtime's precision (default: fp32 on the model's device, one process). Under several
+    processes each builds its share of the cache shards, then every process reads them all
+    (a collective: every process calls this). ``resident`` forces holding the caches on the
+    device (default: when they fit); ``shard_items`` fixes the items per shard (default:
+    about 64 MB per shard); ``workers`` the decoding processes per stream (default: one per
+    spare core).
     """
+    runtime = runtime or Runtime(next(model.parameters()).device, "no")
     splits = splits or load_splits(config.data, backbones.embedded_data)
     blind = model.vision is None
     index = None
@@ -245,21 +269,19 @@ def build_data(
     if config.train.cache:
         from vqadapt.embedded import cache_root
 
-        device = device if device is not None else next(model.parameters()).device
         jobs = plan_caches(
             model,
             tokenizer,
             preprocessing,
             images.paths,
             encoded,
-            Precision(device, compute_dtype),
+            runtime,
             cache_root() / "features",
             log,
             shard_items=shard_items,
             workers=workers,
         )
-        ranks = Ranks(rank, world, barrier or (lambda: None))
-        readers = make_caches(jobs, ranks, log)
+        readers = make_caches(jobs, runtime, log)
         features = FeatureSources(
             vision_features=readers.get("vision"),
             vision_embeddings=readers.get("vision_embeddings"),
@@ -269,11 +291,14 @@ def build_data(
                 if name.startswith("text_prefix:")
             },
         )
-        keep_on_device(features.readers(), device, log, resident)
+        keep_on_device(features.readers(), runtime.device, log, resident)
     pad = tokenizer.pad_token_id
     start = model.decoder_start_token_id
+    multiple = model.speed_paths.length_multiple
     collators = {
-        name: Collator(name, enc, pad, start, images, preprocessing, features, blind, workers)
+        name: Collator(
+            name, enc, pad, start, images, preprocessing, features, blind, multiple, workers
+        )
         for name, enc in encoded.items()
     }
     return DataBundle(splits, encoded, images, features, collators)

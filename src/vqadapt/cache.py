@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vqadapt.data.stream import image_stream, is_accelerator, prepare_crop
+from vqadapt.runtime import Runtime
 from vqadapt.shards import (
     RowReader,
     ShardSpec,
@@ -84,29 +85,6 @@ def ids_digest(input_ids: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Ranks:
-    """This process's place among the processes of a launch (``accelerate launch``): they build
-    disjoint shards, meet at ``barrier``, then all read every shard."""
-
-    rank: int = 0
-    world: int = 1
-    barrier: Callable[[], None] = field(default=lambda: None)
-
-
-@dataclass
-class Precision:
-    """Where and how the frozen towers run when their outputs are cached."""
-
-    device: torch.device
-    compute_dtype: torch.dtype | None = None  # None: fp32 (no autocast)
-
-    def autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-
 @contextlib.contextmanager
 def _frozen_eval(model):
     was_training = model.training
@@ -122,7 +100,7 @@ def vision_compute(
     model,
     paths: Sequence[Path],
     preprocessing,
-    precision: Precision,
+    runtime: Runtime,
     *,
     embeddings_only: bool = False,
     batch_size: int = VISION_BATCH,
@@ -138,12 +116,12 @@ def vision_compute(
             preprocessing,
             slots,
             batch_size=batch_size,
-            device=precision.device,
+            device=runtime.device,
             workers=workers,
         )
-        with _frozen_eval(model), torch.no_grad(), precision.autocast():
+        with _frozen_eval(model), torch.no_grad(), runtime.autocast():
             for pixels in stream:
-                pixels = pixels.to(precision.device, non_blocking=True)
+                pixels = runtime.move({"pixels": pixels})["pixels"]
                 yield run(preprocessing.normalise(pixels))
 
     return compute
@@ -153,7 +131,7 @@ def text_prefix_compute(
     model,
     input_ids: Sequence[torch.Tensor],
     pad_id: int,
-    precision: Precision,
+    runtime: Runtime,
     *,
     batch_size: int = TEXT_BATCH,
 ) -> Callable[[list[int]], Iterator[torch.Tensor]]:
@@ -161,12 +139,12 @@ def text_prefix_compute(
     per real token, the questions one after the other."""
 
     def compute(questions: list[int]) -> Iterator[torch.Tensor]:
-        with _frozen_eval(model), torch.no_grad(), precision.autocast():
+        with _frozen_eval(model), torch.no_grad(), runtime.autocast():
             for start in range(0, len(questions), batch_size):
                 ids = [input_ids[i] for i in questions[start : start + batch_size]]
                 batch = pad_sequence(ids, batch_first=True, padding_value=pad_id)
-                batch = batch.to(precision.device, non_blocking=True)
-                states = model.encode_text_prefix(batch, (batch != pad_id).long())
+                moved = runtime.move({"ids": batch, "mask": (batch != pad_id).long()})
+                states = model.encode_text_prefix(moved["ids"], moved["mask"])
                 yield torch.cat([states[k, : len(ids[k])] for k in range(len(ids))])
 
     return compute
@@ -224,7 +202,7 @@ def vision_job(
     model,
     paths: Sequence[Path],
     preprocessing,
-    precision: Precision,
+    runtime: Runtime,
     folder: Path,
     *,
     embeddings_only: bool = False,
@@ -236,16 +214,18 @@ def vision_job(
         model,
         paths,
         preprocessing,
-        precision,
+        runtime,
         embeddings_only=embeddings_only,
         batch_size=batch_size,
         workers=workers,
     )
     # The shape of a row, from one image (a probe: nothing is written before the disk check).
     probe = torch.from_numpy(prepare_crop(paths[0], preprocessing)).permute(2, 0, 1)[None]
-    with _frozen_eval(model), torch.no_grad(), precision.autocast():
+    with _frozen_eval(model), torch.no_grad(), runtime.autocast():
         run = model.embed_image if embeddings_only else model.encode_image
-        row_shape = tuple(run(preprocessing.normalise(probe.to(precision.device))).shape[1:])
+        row_shape = tuple(
+            run(preprocessing.normalise(runtime.move({"pixels": probe})["pixels"])).shape[1:]
+        )
     tower = model.vision.embeddings if embeddings_only else model.vision
     kind = "vision-embeddings" if embeddings_only else "vision"
     key_parts = {
@@ -253,13 +233,13 @@ def vision_job(
         "weights": weights_digest(tower),
         "preprocessing": preprocessing.to_dict(),
         "inputs": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],
-        "device": precision.device.type,
-        "compute": dtype_name(precision.compute_dtype or torch.float32),
+        "device": runtime.device.type,
+        "compute": dtype_name(runtime.compute_dtype or torch.float32),
     }
     label = "vision embeddings" if embeddings_only else "vision features"
     lengths = np.ones(len(paths), dtype=np.int64)
     make = _spec_maker(folder, kind, label, lengths, row_shape, key_parts, shard_items)
-    dtype = storage_dtype(precision.compute_dtype)
+    dtype = storage_dtype(runtime.compute_dtype)
     return _job(kind.replace("-", "_"), make, compute, dtype)
 
 
@@ -268,29 +248,29 @@ def text_prefix_job(
     split: str,
     input_ids: Sequence[torch.Tensor],
     pad_id: int,
-    precision: Precision,
+    runtime: Runtime,
     folder: Path,
     *,
     encoder_digest: str,
     batch_size: int = TEXT_BATCH,
     shard_items: int | None = None,
 ) -> CacheJob:
-    compute = text_prefix_compute(model, input_ids, pad_id, precision, batch_size=batch_size)
-    first = input_ids[0][None].to(precision.device)
-    with _frozen_eval(model), torch.no_grad(), precision.autocast():
+    compute = text_prefix_compute(model, input_ids, pad_id, runtime, batch_size=batch_size)
+    first = runtime.move({"ids": input_ids[0][None]})["ids"]
+    with _frozen_eval(model), torch.no_grad(), runtime.autocast():
         row_shape = tuple(model.encode_text_prefix(first, torch.ones_like(first)).shape[2:])
     key_parts = {
         "kind": "text_prefix",
         "weights": encoder_digest,
         "layers": model.text_cache_layers,
         "inputs": ids_digest(input_ids),
-        "device": precision.device.type,
-        "compute": dtype_name(precision.compute_dtype or torch.float32),
+        "device": runtime.device.type,
+        "compute": dtype_name(runtime.compute_dtype or torch.float32),
     }
     lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
     label = f"text prefix ({split})"
     make = _spec_maker(folder, "text", label, lengths, row_shape, key_parts, shard_items)
-    return _job(f"text_prefix:{split}", make, compute, storage_dtype(precision.compute_dtype))
+    return _job(f"text_prefix:{split}", make, compute, storage_dtype(runtime.compute_dtype))
 
 
 def plan_caches(
@@ -299,7 +279,7 @@ def plan_caches(
     preprocessing,
     image_paths: Sequence[Path],
     encoded: dict,
-    precision: Precision,
+    runtime: Runtime,
     folder: Path,
     log: Log,
     *,
@@ -309,14 +289,14 @@ def plan_caches(
     workers: int | None = None,
 ) -> list[CacheJob]:
     """The caches this model's frozen parts allow (see ``model.text_cache_layers``)."""
-    on_accelerator = is_accelerator(precision.device)
+    on_accelerator = is_accelerator(runtime.device)
     vision_batch = vision_batch or (VISION_BATCH if on_accelerator else HOST_VISION_BATCH)
     text_batch = text_batch or (TEXT_BATCH if on_accelerator else HOST_TEXT_BATCH)
     jobs = []
     if (
         model.vision is not None
         and image_paths
-        and (model.vision_frozen or model.vision_splittable)
+        and (model.vision_frozen or (model.vision_splittable and model.vision_embeddings_frozen))
     ):
         embeddings_only = not model.vision_frozen
         if embeddings_only:
@@ -328,7 +308,7 @@ def plan_caches(
                 model,
                 image_paths,
                 preprocessing,
-                precision,
+                runtime,
                 folder,
                 embeddings_only=embeddings_only,
                 batch_size=vision_batch,
@@ -337,7 +317,7 @@ def plan_caches(
             )
         )
     layers = model.text_cache_layers
-    if layers > 0 and (model.splittable or layers == model.text_layout.num_layers):
+    if layers > 0:
         encoder_digest = weights_digest(model.text_encoder)
         for split, enc in encoded.items():
             if len(enc):
@@ -347,7 +327,7 @@ def plan_caches(
                         split,
                         enc.input_ids,
                         tokenizer.pad_token_id,
-                        precision,
+                        runtime,
                         folder,
                         encoder_digest=encoder_digest,
                         batch_size=text_batch,
@@ -358,40 +338,36 @@ def plan_caches(
             f"text encoder: first {layers} of {model.text_layout.num_layers} layers frozen, "
             "their output cached"
         )
-    elif layers > 0:
-        log(
-            f"text prefix caching is not available for {model.text_layout.family}: running it every step"
-        )
     return jobs
 
 
-def make_caches(jobs: list[CacheJob], ranks: Ranks, log: Log) -> dict[str, RowReader]:
+def make_caches(jobs: list[CacheJob], runtime: Runtime, log: Log) -> dict[str, RowReader]:
     """Make every job's cache valid on disk (every process calls this: a collective) and open
     them. The disk each needs is printed, and checked, before anything is built."""
     if not jobs:
         return {}
     check_disk([(job.spec, missing_shards(job.spec)) for job in jobs], log)
-    ranks.barrier()  # every process has checked before any writes
+    runtime.wait()  # every process has checked before any writes
     readers = {}
     for job in jobs:
         report = build(
             job.spec,
             job.compute,
-            rank=ranks.rank,
-            world=ranks.world,
-            barrier=ranks.barrier,
+            rank=runtime.rank,
+            world=runtime.world,
+            barrier=runtime.wait,
             log=log,
         )
         if report.overflowed:
             job.spec = job.respec(torch.bfloat16)
             check_disk([(job.spec, missing_shards(job.spec))], log)
-            ranks.barrier()
+            runtime.wait()
             build(
                 job.spec,
                 job.compute,
-                rank=ranks.rank,
-                world=ranks.world,
-                barrier=ranks.barrier,
+                rank=runtime.rank,
+                world=runtime.world,
+                barrier=runtime.wait,
                 log=log,
             )
         readers[job.name] = RowReader(job.spec)

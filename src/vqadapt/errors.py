@@ -1,11 +1,22 @@
-"""The one error type users see for bad input: it names the file, the row and the field."""
+"""The errors users see: each names the file, row, field, flag or value at fault.
+
+Every error vqadapt raises for bad input, impossible settings or a run that cannot go on is a
+``VQAError``; the command line prints its message and exits with its ``exit_code``, never a
+traceback (``cli.main``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class VQADataError(ValueError):
+class VQAError(Exception):
+    """Base of every error meant for the user (not a bug): the CLI prints it, no traceback."""
+
+    exit_code = 2
+
+
+class VQADataError(VQAError, ValueError):
     """Bad input data or settings, with where it was found.
 
     ``str(err)`` reads like ``train.csv, row 12, field 'answer': empty answer``.
@@ -33,9 +44,21 @@ class VQADataError(ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
-class VQAConfigError(ValueError):
+class VQAConfigError(VQAError, ValueError):
     """Contradictory or impossible settings, raised before any model loads."""
 
 
-class VQATrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss or gradients); the last good checkpoint is intact."""
+class VQABusyError(VQAConfigError):
+    """Another live process holds the folder (its lock): nothing was changed.
+
+    A distinct exit code, so that the ablation runner leaves a cell that another process is
+    training alone instead of recording it as failed."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class VQATrainingError(VQAError, RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory, disk full); the last complete
+    checkpoint is intact."""
+
+    exit_code = 3

@@ -9,7 +9,9 @@ Layout of an export folder::
     vision/                 the vision encoder and its ``preprocessor_config.json`` (not when blind)
     projector.safetensors   vision -> text projector and modality marker (not when blind)
     adapters/text/          without --merge: the LoRA adapters in peft's own format, next to
-    adapters/vision/        the base towers above; with --merge they are folded into them
+    adapters/vision/        the base towers above (text encoder, vision encoder, and where
+    adapters/decoder/       they have LoRA the text decoder, keys relative to the text model,
+    adapters/projector/     and the projector); with --merge they are folded into them
     answer_trie.json        training answers as token ids, for runs that decode with
                             --constrain_to_train_answers
     export_check.json       the check against the run (predictions and logits, held-out questions)
@@ -29,7 +31,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,14 +41,17 @@ import torch
 from torch import nn
 
 import vqadapt
+from vqadapt import speed
+from vqadapt.adapt import ADAPTER_SITES
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
     load_text,
     load_tokenizer,
     load_vision,
+    loading,
 )
-from vqadapt.checkpoint import load_adapter, save_adapter, towers_with_lora
+from vqadapt.checkpoint import load_adapter, lora_sites, save_adapter
 from vqadapt.config import DataConfig
 from vqadapt.data.images import ImageIndex, upright_rgb
 from vqadapt.data.pipeline import (
@@ -59,11 +63,14 @@ from vqadapt.data.pipeline import (
     load_splits,
 )
 from vqadapt.data.records import VQARecord
-from vqadapt.errors import VQAConfigError, VQADataError
+from vqadapt.errors import VQAConfigError, VQADataError, VQAError
 from vqadapt.evaluate import AnswerTrie, predict
+from vqadapt.folders import FolderLock, recover_swap, staged, swap_in
 from vqadapt.inference import LoadedRun, load_run, merge_lora
 from vqadapt.io import atomic_write_json
 from vqadapt.model import VQAModel
+from vqadapt.runtime import Runtime, inference_runtime
+from vqadapt.speed import SpeedPaths
 
 EXPORT_FORMAT = 1
 SETTINGS_FILE = "vqadapt_export.json"
@@ -88,8 +95,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(VQAError, RuntimeError):
     """The exported model does not reproduce the run; ``report`` says how."""
+
+    exit_code = 1
 
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
@@ -107,13 +116,17 @@ def records_collator(
     preprocessing: ImagePreprocessing | None,
     data: DataConfig,
     records: Sequence[VQARecord],
-    image_root: str | Path | None,
+    image_root: str | Path | Any | None,
 ) -> Collator:
-    """Records -> padded batches, tokenised, truncated and preprocessed as in training."""
+    """Records -> padded batches, tokenised, truncated and preprocessed as in training.
+    ``image_root``: a folder the records' images are found in, or an index (one image)."""
     blind = model.vision is None
     if not blind and image_root is None:
         raise VQAConfigError("this model needs an image")
-    images = ImageStore(None if blind else ImageIndex(image_root), preprocessing)
+    index = None
+    if not blind:
+        index = ImageIndex(image_root) if isinstance(image_root, str | Path) else image_root
+    images = ImageStore(index, preprocessing)
     encoded = encode_split(records, tokenizer, data, images.slot)
     return Collator(
         "export",
@@ -124,6 +137,7 @@ def records_collator(
         preprocessing,
         FeatureSources(),
         blind,
+        model.speed_paths.length_multiple,
     )
 
 
@@ -137,6 +151,7 @@ class ExportedModel:
     preprocessing: ImagePreprocessing | None
     settings: dict[str, Any]
     folder: Path
+    runtime: Runtime
     trie: AnswerTrie | None = None
 
     @property
@@ -170,6 +185,7 @@ class ExportedModel:
             max_new_tokens=decoding["max_answer_tokens"],
             num_beams=num_beams or decoding["num_beams"],
             trie=self.trie,
+            runtime=self.runtime,
         )
 
     def answer(
@@ -190,60 +206,85 @@ class ExportedModel:
             return self._answer_file(nfc(question), path, num_beams)
 
     def _answer_file(self, question: str, path: Path | None, num_beams: int | None) -> str:
+        from vqadapt.inference import OneImage
+
         record = VQARecord("0", question, ("",), path.name if path else None)
-        return self.predict([record], path.parent if path else None, num_beams)[0]
+        index = OneImage(path) if path is not None and self.model.vision is not None else None
+        return self.predict([record], index, num_beams)[0]
 
 
-def load_exported(folder: str | Path) -> ExportedModel:
-    """Load an export folder: no run directory, training config or original backbone needed."""
+def load_exported(
+    folder: str | Path, device: str = "auto", precision: str = "auto"
+) -> ExportedModel:
+    """Load an export folder onto ``device`` (the best available by default): no run
+    directory, training config or original backbone needed."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     settings_file = folder / SETTINGS_FILE
     if not settings_file.is_file():
         raise VQAConfigError(f"{folder} is not a vqadapt export (no {SETTINGS_FILE})")
-    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VQADataError(f"damaged or unreadable ({err})", file=settings_file) from None
+    if not isinstance(settings, dict):
+        raise VQADataError("damaged: expected a JSON object", file=settings_file)
     if settings.get("format") != EXPORT_FORMAT:
         raise VQAConfigError(
             f"{settings_file}: export format {settings.get('format')!r} is not {EXPORT_FORMAT} "
             f"(written by vqadapt {settings.get('vqadapt_version')})"
         )
-    blind = settings["blind"]
-    text = load_text(str(folder / "text"))
-    tokenizer = load_tokenizer(str(folder / "text"))
-    vision = None if blind else load_vision(str(folder / "vision"))
-    preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
-    model = VQAModel(vision, text, dropout=settings["dropout"])
-    if model.projector is not None:
-        model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-    for tower_name in settings["adapters"]:
-        _attach_adapter(getattr(model, tower_name), folder / "adapters" / tower_name)
+    with loading(str(folder), "export"):  # a damaged file names the folder, never a traceback
+        blind = settings["blind"]
+        text = load_text(str(folder / "text"))
+        tokenizer = load_tokenizer(str(folder / "text"))
+        vision = None if blind else load_vision(str(folder / "vision"))
+        preprocessing = None if blind else load_image_preprocessing(str(folder / "vision"))
+        model = VQAModel(vision, text, dropout=settings["dropout"])
+        if model.projector is not None:  # its plain weights, as the towers' (LoRA attaches next)
+            model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        sites = {name: (attribute, adapter) for name, attribute, adapter in ADAPTER_SITES.values()}
+        for folder_name in settings["adapters"]:
+            attribute, adapter = sites[folder_name]
+            _attach_adapter(getattr(model, attribute), folder / "adapters" / folder_name, adapter)
+        trie = None
+        if settings["decoding"]["constrain_to_train_answers"]:
+            values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
+            trie = AnswerTrie(values["sequences"], values["eos_token_id"])
     model.requires_grad_(False)
-    model.eval()
-    trie = None
-    if settings["decoding"]["constrain_to_train_answers"]:
-        values = json.loads((folder / TRIE_FILE).read_text(encoding="utf-8"))
-        trie = AnswerTrie(values["sequences"], values["eos_token_id"])
-    return ExportedModel(model, tokenizer, preprocessing, settings, folder, trie)
+    runtime = inference_runtime(device, precision)
+    speed.install(model, SpeedPaths.for_device(runtime.device))
+    model.to(runtime.device).eval()
+    return ExportedModel(model, tokenizer, preprocessing, settings, folder, runtime, trie)
 
 
-def _attach_adapter(tower: nn.Module, folder: Path) -> None:
-    """Inject LoRA layers as the adapter config says (as training did) and load its weights."""
+def _attach_adapter(tower: nn.Module, folder: Path, adapter: str = "default") -> None:
+    """Inject LoRA layers as the adapter config says (as training did) and load its weights
+    (as ``adapter``; the text model may hold the encoder's and the decoder's)."""
+    import warnings
+
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
 
     config = LoraConfig.from_pretrained(str(folder))
-    inject_adapter_in_model(config, tower, adapter_name="default")
-    tower.peft_config = {"default": config}
-    load_adapter(tower, folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, tower, adapter_name=adapter)
+    tower.peft_config = {**getattr(tower, "peft_config", {}), adapter: config}
+    for module in tower.modules():  # each LoRA layer keeps its own adapter active
+        if isinstance(module, LoraLayer):
+            module.set_adapter(list(module.lora_A.keys()))
+    load_adapter(tower, folder, adapter)
 
 
 # -- writing --------------------------------------------------------------------------------
-def _save_tower(tower: nn.Module, folder: Path) -> None:
-    """``save_pretrained`` without LoRA layers: their base weights (merged or not) under the
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state without LoRA layers: their base weights (merged or not) under the
     plain names; a matrix shared by several names is written under each (see module doc)."""
     state: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, tensor in tower.state_dict().items():
+    for name, tensor in module.state_dict().items():
         if ".lora_" in name:
             continue
         tensor = tensor.detach().cpu().contiguous()
@@ -252,14 +293,23 @@ def _save_tower(tower: nn.Module, folder: Path) -> None:
             tensor = tensor.clone()
         storages.add(storage)
         state[name.replace(".base_layer.", ".")] = tensor
-    tower.save_pretrained(str(folder), state_dict=state)
+    return state
 
 
-def _lora_settings(tower: nn.Module | None) -> dict[str, Any] | None:
-    if tower is None or not hasattr(tower, "peft_config"):
-        return None
-    config = tower.peft_config["default"]
-    return {"r": config.r, "alpha": config.lora_alpha, "target_modules": config.target_modules}
+def _save_tower(tower: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` without LoRA layers (``_plain_state``)."""
+    tower.save_pretrained(str(folder), state_dict=_plain_state(tower))
+
+
+def _lora_settings(config) -> dict[str, Any]:
+    init = config.init_lora_weights
+    variant = "dora" if config.use_dora else "rslora" if config.use_rslora else "lora"
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": config.target_modules,
+        "variant": "pissa" if init == "pissa" else variant,
+    }
 
 
 def write_export(
@@ -282,13 +332,13 @@ def write_export(
         _save_tower(model.vision, folder / "vision")
         source = cached_file(run.backbones.vision, "preprocessor_config.json")
         shutil.copyfile(source, folder / "vision" / "preprocessor_config.json")
-        projector = {
-            k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()
-        }
-        save_file(projector, str(folder / PROJECTOR_FILE))
-    adapters = [] if merged else sorted(towers_with_lora(model))
+        save_file(_plain_state(model.projector), str(folder / PROJECTOR_FILE))
+    sites = lora_sites(model)
+    adapters = [] if merged else sorted(sites)
     for name in adapters:
-        save_adapter(getattr(model, name), folder / "adapters" / name, base_model=None)
+        _, tower, adapter = sites[name]
+        # the towers saved above hold the base weights as trained (a PiSSA residual included)
+        save_adapter(tower, folder / "adapters" / name, None, adapter=adapter, base_rewritten=True)
     config = run.config
     if answer_sequences is not None:
         trie = {"eos_token_id": run.tokenizer.eos_token_id, "sequences": answer_sequences}
@@ -306,8 +356,8 @@ def write_export(
         "merged": merged,
         "adapters": adapters,
         "lora": {
-            "text": _lora_settings(run.model.text),
-            "vision": _lora_settings(run.model.vision),
+            name: _lora_settings(tower.peft_config[adapter])
+            for name, (_, tower, adapter) in lora_sites(run.model).items()
         },
         "dropout": config.train.dropout,
         "decoding": {
@@ -333,8 +383,13 @@ def write_export(
 
 # -- the check ------------------------------------------------------------------------------
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The run's summary, or nothing when it is missing or damaged (provenance only)."""
+    from vqadapt.run_dir import read_json
+
+    try:
+        return read_json(run_dir / "summary.json")
+    except VQADataError:
+        return {}
 
 
 def run_splits(run: LoadedRun) -> Splits:
@@ -388,8 +443,10 @@ def compare(
     if not same_inputs:
         problems.append("the exported tokenizer or preprocessing gives other inputs than the run's")
     with torch.no_grad():
-        ref_logits = reference.model(ref_batch)
-        exp_logits = exported.model(exp_batch)
+        with reference.runtime.autocast():
+            ref_logits = reference.model(reference.runtime.move(ref_batch)).float().cpu()
+        with exported.runtime.autocast():
+            exp_logits = exported.model(exported.runtime.move(exp_batch)).float().cpu()
     diff = math.inf
     if ref_logits.shape == exp_logits.shape:
         diff = (ref_logits - exp_logits).abs().max().item()
@@ -404,6 +461,7 @@ def compare(
         max_new_tokens=config.data.max_answer_tokens,
         num_beams=config.train.num_beams,
         trie=trie,
+        runtime=reference.runtime,
     )
     exp_answers = exported.predict(records, image_root)
     identical = sum(a == b for a, b in zip(ref_answers, exp_answers, strict=True))
@@ -434,11 +492,13 @@ def check_export(
     checkpoint: str = "best",
     questions: int = CHECK_QUESTIONS,
     tolerance: float | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Check an export folder against its run (LoRA unmerged: the weights as trained); the
-    report's ``status`` is ``passed`` or ``failed``."""
-    exported = load_exported(folder)
-    reference = load_run(run_dir, checkpoint, merge=False)
+    """Check an export folder against its run (LoRA unmerged: the weights as trained), both
+    on ``device`` in fp32 (the check is about weights, not precision); the report's
+    ``status`` is ``passed`` or ``failed``."""
+    exported = load_exported(folder, device, precision="no")
+    reference = load_run(run_dir, checkpoint, merge=False, device=device, precision="no")
     splits = run_splits(reference)
     split, records = held_out(splits, questions)
     trie = _trie(reference, train_answer_sequences(reference, splits))
@@ -453,26 +513,47 @@ def _trie(run: LoadedRun, sequences: list[list[int]] | None) -> AnswerTrie | Non
 
 
 # -- the command ----------------------------------------------------------------------------
-def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds files (unless ``overwrite``) or that holds the run itself."""
-    target, run = out.resolve(), run_dir.resolve()
-    if target == run or target in run.parents:
+def check_destination(
+    run_dir: Path, out: Path, overwrite: bool, run: LoadedRun | None = None
+) -> None:
+    """Refuse an --out that holds files (unless ``overwrite`` and it is an export), lies
+    inside a run or holds one, or overlaps an input of the run (its backbones, its data)."""
+    from vqadapt.run_dir import enclosing_run, is_run, refuse_overlap
+
+    target, run_path = out.resolve(), run_dir.resolve()
+    if target == run_path or target in run_path.parents:
         raise VQAConfigError(f"--out {out} would replace the run directory {run_dir}")
     if out.exists() and not out.is_dir():
         raise VQAConfigError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    outer = enclosing_run(out)
+    if outer is not None or is_run(out):
         raise VQAConfigError(
-            f"{out} is not empty: pass --overwrite to replace it, or choose another --out"
+            f"--out {out} lies inside the run {outer or out}: choose a folder outside any run"
         )
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Swap the finished folder in: the old one is moved aside first, then removed."""
-    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if run is not None:
+        d = run.config.data
+        refuse_overlap(
+            "--out",
+            out,
+            {
+                "text model": run.backbones.text,
+                "vision model": run.backbones.vision,
+                "train_file": d.train_file,
+                "test_file": d.test_file,
+                "val_file": d.val_file,
+                "image_root": d.image_root,
+            },
+        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise VQAConfigError(
+                f"{out} is not empty: pass --overwrite to replace it, or choose another --out"
+            )
+        if not (out / SETTINGS_FILE).is_file():
+            raise VQAConfigError(
+                f"--overwrite replaces only an earlier export, and {out} is none (no "
+                f"{SETTINGS_FILE}): nothing was changed; choose another --out"
+            )
 
 
 def export_run(
@@ -485,47 +566,54 @@ def export_run(
     questions: int = CHECK_QUESTIONS,
     tolerance: float | None = None,
     log: Log = print,
+    device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export a run's checkpoint into ``out`` and check it against the run; returns the check.
 
     The folder is built beside ``out`` and renamed into place only once the check passed, so
     ``out`` never holds a partial or failing export. A failed check raises ``ExportCheckError``.
+    The check runs on ``device`` in fp32; the files hold CPU tensors whatever the device.
     """
     run_dir, out = Path(run_dir), Path(out)
     check_destination(run_dir, out, overwrite)
     if tolerance is None:
         tolerance = default_tolerance(merge)
-    log(f"loading {run_dir} ({checkpoint} checkpoint)")
-    reference = load_run(run_dir, checkpoint, merge=False)
-    splits = run_splits(reference)
-    split, records = held_out(splits, questions)
-    sequences = train_answer_sequences(reference, splits)
-    model = reference.model
-    if merge:
-        model = copy.deepcopy(model)  # the reference keeps the adapters as trained
-        log(f"merged {merge_lora(model)} LoRA layers into their weights")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{time.time_ns()}")
-    try:
-        write_export(
-            model, reference, tmp, merged=merge, checkpoint=checkpoint, answer_sequences=sequences
-        )
-        del model
-        log(f"checking the export against the run on {len(records)} {split} questions")
-        exported = load_exported(tmp)
-        report = compare(
-            exported, reference, records, splits.image_root, tolerance, _trie(reference, sequences)
-        )
-        report = {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
-        if report["status"] != "passed":
-            raise ExportCheckError(
-                f"export check failed: {'; '.join(report['problems'])}. "
-                f"Nothing was written to {out}.",
-                report,
-            )
-        atomic_write_json(tmp / CHECK_FILE, report)
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FolderLock(out, "export"):
+        recover_swap(out)  # what a killed export left beside --out
+        log(f"loading {run_dir} ({checkpoint} checkpoint)")
+        reference = load_run(
+            run_dir, checkpoint, merge=False, device=device, precision="no",
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        check_destination(run_dir, out, overwrite, reference)
+        splits = run_splits(reference)
+        split, records = held_out(splits, questions)
+        sequences = train_answer_sequences(reference, splits)
+        model = reference.model
+        if merge:
+            model = copy.deepcopy(model)  # the reference keeps the adapters as trained
+            log(f"merged {merge_lora(model)} LoRA layers into their weights")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staged(out) as tmp:
+            tmp.rmdir()  # write_export makes the folder itself
+            write_export(
+                model, reference, tmp, merged=merge, checkpoint=checkpoint,
+                answer_sequences=sequences,
+            )  # fmt: skip
+            del model
+            log(f"checking the export against the run on {len(records)} {split} questions")
+            exported = load_exported(tmp, device, precision="no")
+            trie = _trie(reference, sequences)
+            report = compare(exported, reference, records, splits.image_root, tolerance, trie)
+            report = {"split": split, "run": str(run_dir), "checkpoint": checkpoint, **report}
+            if report["status"] != "passed":
+                raise ExportCheckError(
+                    f"export check failed: {'; '.join(report['problems'])}. "
+                    f"Nothing was written to {out}.",
+                    report,
+                )
+            atomic_write_json(tmp / CHECK_FILE, report)
+            swap_in(tmp, out)
     log(f"exported {run_dir} to {out}")
     return report

@@ -1,4 +1,9 @@
-"""Atomic writes: a reader never sees a half-written file (temp file + fsync + rename)."""
+"""Atomic writes: a reader never sees a half-written file (temp file + fsync + rename).
+
+Every file gets the mode a plain ``open`` would give it (0666 less the umask): the temporary
+file ``mkstemp`` makes is private (0600), and would otherwise make a run's atomically written
+files unreadable to the group that can read its appended ones.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file here."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path``."""
     path = Path(path)
@@ -19,9 +43,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the file the user knows, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

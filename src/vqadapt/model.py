@@ -10,27 +10,34 @@ projected image tokens (CLS + patches) + marker(image)]: no learned query tokens
 The text encoder runs in two pieces so that a frozen prefix can be cached:
 ``encode_text_prefix`` (embeddings + the first ``text_cache_layers`` layers, which never train)
 and ``encode_text_suffix`` (the remaining layers + final norm). The uncached path calls both in
-sequence, so cached and uncached runs compute the same function. For MBart both run on the
-real tokens only (``packed.py``), with zeros at padded positions.
+sequence, so cached and uncached runs compute the same function. Where each family keeps these
+parts is in ``families.py``.
+
+What this file computes is the library's function, with the library's modules. Faster ways to
+compute the same (packed encoder, lean decoder, absorbed cross-attention, ...) are installed
+onto a model by ``vqadapt.speed``, per device; a model built here alone runs the library path.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
-from vqadapt import cross_attention, decoder, packed
-from vqadapt import dropout as fast_dropout
-from vqadapt.backbones import TowerLayout, get_submodule, text_layout, vision_layout
+from vqadapt.backbones import (
+    TowerLayout,
+    decoder_layout,
+    get_submodule,
+    text_layout,
+    vision_layout,
+)
+from vqadapt.errors import VQAConfigError
+from vqadapt.families import TextFamily, VisionFamily, text_family, vision_family
 from vqadapt.losses import token_losses
-
-SPLITTABLE_TEXT_FAMILIES = ("mbart", "bart")
-PACKED_TEXT_FAMILIES = ("mbart",)
-SPLITTABLE_VISION = ("dinov2", "dinov2_with_registers")
+from vqadapt.speed import SpeedPaths
 
 
 class Projector(nn.Module):
@@ -42,7 +49,7 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(vision_hidden, d_model)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(d_model, d_model)
-        self.dropout = fast_dropout.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.modality = nn.Embedding(2, d_model)  # 0: text token, 1: image token
         nn.init.normal_(self.modality.weight, std=0.02)
 
@@ -53,10 +60,13 @@ class Projector(nn.Module):
 def untie_decoder_embeddings(text: nn.Module) -> None:
     """Give the decoder (and LM head) their own copy of a shared input embedding.
 
-    MBart/BART/T5 share one embedding between encoder, decoder and ``lm_head``. The decoder
-    trains fully, so a shared matrix would move the encoder's input embedding too and a "frozen"
-    encoder would not be frozen. We copy it for the decoder side (decoder input embedding and
-    LM head stay tied to each other) and leave the encoder's copy frozen.
+    MBart/BART/T5 share one embedding between encoder, decoder and ``lm_head``. A decoder that
+    trains fully (the default) would move the encoder's input embedding through a shared matrix
+    and a "frozen" encoder would not be frozen. We copy it for the decoder side (decoder input
+    embedding and LM head stay tied to each other) and leave the encoder's copy with the
+    encoder. The decoder's copy (and the head tied to it) trains only with ``--text_decoder
+    full``; the copy is made whatever the choice, so that checkpoints and exports have one
+    layout.
     """
     encoder_embed = text.get_encoder().get_input_embeddings()
     decoder = text.get_decoder()
@@ -89,6 +99,44 @@ def set_dropout(module: nn.Module, p: float) -> None:
             sub.dropout = p
 
 
+class LibraryEncoder:
+    """Text-encoder layers as the library runs them (padded batch, the family's mask)."""
+
+    def __init__(self, family: TextFamily) -> None:
+        self.family = family
+
+    def run(
+        self,
+        text: nn.Module,
+        layers: list[nn.Module],
+        first: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        final_norm: bool,
+    ) -> torch.Tensor:
+        hidden = self.family.run_layers(text, layers, first, hidden, attention_mask)
+        return self.family.final_norm(text, hidden) if final_norm else hidden
+
+
+class TeacherForcing:
+    """Per-sample losses of a teacher-forced pass as the library computes them: the decoder,
+    the LM head over every position, the token cross-entropy where there is a label."""
+
+    def __init__(self, family: TextFamily) -> None:
+        self.family = family
+
+    def losses(
+        self,
+        text: nn.Module,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        hidden = self.family.decoder_hidden(text, batch, states, mask)
+        return token_losses(self.family.logits(text, hidden), batch["labels"], label_smoothing)
+
+
 class VQAModel(nn.Module):
     """A vision tower feeding a seq2seq text model; ``vision`` is None for the blind baseline."""
 
@@ -96,6 +144,10 @@ class VQAModel(nn.Module):
         super().__init__()
         self.vision = vision
         self.text = text
+        self.text_family: TextFamily = text_family(text)
+        self.vision_family: VisionFamily | None = (
+            vision_family(vision) if vision is not None else None
+        )
         self.text_layout: TowerLayout = text_layout(text)
         self.vision_layout: TowerLayout | None = (
             vision_layout(vision) if vision is not None else None
@@ -106,10 +158,21 @@ class VQAModel(nn.Module):
         )
         untie_decoder_embeddings(text)
         set_dropout(text.get_decoder(), dropout)
-        cross_attention.install(text)  # same outputs, fewer FLOPs for short answers
-        # Number of leading text-encoder layers that never train: set by adapt.apply_adaptation.
+        # Set by adapt.apply_adaptation: the leading text-encoder layers that never train (their
+        # output can be cached), whether the vision tower (or its patch embeddings) train, and
+        # the other modules with nothing trainable, which run in eval mode.
         self.text_cache_layers = 0
         self.vision_frozen = True
+        self.vision_embeddings_frozen = True
+        self.frozen_modules: list[nn.Module] = []
+        self.rewritten_weights: list[str] = []  # frozen weights the LoRA init changed (PiSSA)
+        # Towers whose layers recompute their activations in the backward pass.
+        self.checkpointed: tuple[str, ...] = ()
+        # How the pieces run: the library's way until vqadapt.speed installs faster ones.
+        self.encoder_runner = LibraryEncoder(self.text_family)
+        self.teacher_forcing = TeacherForcing(self.text_family)
+        self.key_multiple = 1  # encoder states padded with masked keys to a multiple of this
+        self.speed_paths = SpeedPaths.library()  # what vqadapt.speed.install put on
 
     # -- names ---------------------------------------------------------------------------
     @property
@@ -122,16 +185,6 @@ class VQAModel(nn.Module):
         root = self.text_layout.layers_path.rsplit(".", 1)[0]
         return f"text.{root}."
 
-    @property
-    def splittable(self) -> bool:
-        return self.text_layout.family in SPLITTABLE_TEXT_FAMILIES
-
-    @property
-    def packed(self) -> bool:
-        """Whether the text encoder runs on real tokens only (``packed.py``): MBart's pre-norm
-        layers; BART's post-norm ones keep the padded library layers."""
-        return self.text_layout.family in PACKED_TEXT_FAMILIES
-
     def text_encoder_layers(self) -> nn.ModuleList:
         return get_submodule(self.text, self.text_layout.layers_path)
 
@@ -139,103 +192,109 @@ class VQAModel(nn.Module):
         assert self.vision is not None and self.vision_layout is not None
         return get_submodule(self.vision, self.vision_layout.layers_path)
 
+    @property
+    def decoder_layout(self) -> TowerLayout:
+        return decoder_layout(self.text)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return get_submodule(self.text, self.text_family.decoder_layers_path)
+
+    def tower_layers(self, tower: str) -> nn.ModuleList | None:
+        """The layer stack of ``tower`` (None for the projector, or a blind model's vision)."""
+        if tower == "vision":
+            return self.vision_layers() if self.vision is not None else None
+        if tower == "text_encoder":
+            return self.text_encoder_layers()
+        if tower == "text_decoder":
+            return self.decoder_layers()
+        return None
+
+    def set_gradient_checkpointing(self, towers: tuple[str, ...]) -> None:
+        """Recompute the activations of every layer of ``towers`` in the backward pass instead
+        of keeping them (and stop doing so elsewhere).
+
+        transformers' layers carry the switch (``GradientCheckpointingLayer``): the library's
+        own loops check it, and so do vqadapt's speed paths (``speed.packed.run_layer``).
+        Non-reentrant checkpointing with the RNG state preserved: the recomputed dropout masks
+        are the ones of the forward pass, so the gradients are the same. As in transformers,
+        only layers in training mode recompute: a layer with nothing trainable runs in eval
+        mode and keeps its activations when the backward pass goes through it (a frozen
+        decoder under a trained encoder; the plan's estimate counts it so).
+        """
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        recompute = functools.partial(checkpoint, use_reentrant=False)
+        for tower in ("vision", "text_encoder", "text_decoder"):
+            layers = self.tower_layers(tower)
+            if layers is None:
+                continue
+            for layer in layers:
+                if not isinstance(layer, GradientCheckpointingLayer):
+                    raise VQAConfigError(
+                        f"the {tower} layers ({type(layer).__name__}) do not support gradient "
+                        "checkpointing"
+                    )
+                layer.gradient_checkpointing = tower in towers
+                layer._gradient_checkpointing_func = recompute
+        self.checkpointed = tuple(t for t in towers if self.tower_layers(t) is not None)
+
+    @property
+    def vision_splittable(self) -> bool:
+        """Whether the vision tower's embeddings run apart from its layers (DINOv2)."""
+        return self.vision_family is not None and self.vision_family.splittable
+
     def train(self, mode: bool = True) -> VQAModel:
         """Trainable parts follow ``mode``; frozen parts always run in eval mode (no dropout)."""
         super().train(mode)
         if self.vision is not None and self.vision_frozen:
             self.vision.eval()
-        elif self.vision_splittable:
-            self.vision.embeddings.eval()  # never trained (cached with vision LoRA)
+        elif self.vision_splittable and self.vision_embeddings_frozen:
+            self.vision.embeddings.eval()  # not trained: cached when the layers train
         if self.text_cache_layers == self.text_layout.num_layers:
             self.text_encoder.eval()  # all of it, embeddings and final dropout included (T5)
         for layer in list(self.text_encoder_layers())[: self.text_cache_layers]:
             layer.eval()
+        for module in self.frozen_modules:  # a frozen decoder, projector, or layers of them
+            module.eval()
         return self
 
     # -- text encoder in two pieces -------------------------------------------------------
-    def _encoder_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return create_bidirectional_mask(
-            config=self.text_encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-
     def encode_text_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Hidden states after the frozen prefix (what the cache stores)."""
-        encoder = self.text_encoder
-        num_layers = self.text_layout.num_layers
-        if not self.splittable:
-            if self.text_cache_layers == num_layers:
-                return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return input_ids  # suffix runs the whole encoder (no split for this family)
-        embeds = encoder.embed_tokens(input_ids)
-        hidden = embeds + encoder.embed_positions(embeds[:, :, -1]).to(embeds.device)
-        # The embeddings never train: no dropout on them (frozen parts run in eval mode).
-        hidden = encoder.layernorm_embedding(hidden)
-        layers = list(encoder.layers)[: self.text_cache_layers]
-        return self._encoder_layers(
-            hidden, attention_mask, layers, final_norm=self.text_cache_layers == num_layers
-        )
+        """Hidden states after the embeddings and the frozen prefix (what the cache stores)."""
+        hidden = self.text_family.embed(self.text, input_ids)
+        layers = list(self.text_encoder_layers())[: self.text_cache_layers]
+        final = self.text_cache_layers == self.text_layout.num_layers
+        return self.encoder_runner.run(self.text, layers, 0, hidden, attention_mask, final)
 
     def encode_text_suffix(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        encoder = self.text_encoder
-        num_layers = self.text_layout.num_layers
-        if self.text_cache_layers == num_layers:
+        """The remaining layers and the final norm, from the prefix's states."""
+        first = self.text_cache_layers
+        if first == self.text_layout.num_layers:
             return prefix
-        if not self.splittable:
-            return encoder(input_ids=prefix, attention_mask=attention_mask).last_hidden_state
-        layers = list(encoder.layers)[self.text_cache_layers :]
-        return self._encoder_layers(prefix, attention_mask, layers, final_norm=True)
-
-    def _encoder_layers(
-        self,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor,
-        layers: list[nn.Module],
-        final_norm: bool,
-    ) -> torch.Tensor:
-        """``layers`` (then the final norm if asked) on padded states (B, L, d). MBart's run on
-        the real tokens only (``packed.py``) and come back with zeros at padded positions."""
-        if self.packed:
-            packing = packed.Packing.of(attention_mask)
-            hidden = packing.gather(hidden)
-            for layer in layers:
-                hidden = packed.encoder_layer(layer, hidden, packing)
-            return packing.scatter(self._final_norm(hidden) if final_norm else hidden)
-        mask = self._encoder_mask(hidden, attention_mask)
-        for layer in layers:
-            hidden = layer(hidden, mask)
-        return self._final_norm(hidden) if final_norm else hidden
-
-    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = getattr(self.text_encoder, "layer_norm", None)
-        return norm(hidden) if norm is not None else hidden
+        layers = list(self.text_encoder_layers())[first:]
+        return self.encoder_runner.run(self.text, layers, first, prefix, attention_mask, True)
 
     # -- vision --------------------------------------------------------------------------
-    @property
-    def vision_splittable(self) -> bool:
-        """Whether the vision tower's embeddings can run apart from its layers (DINOv2)."""
-        return self.vision is not None and self.vision.config.model_type in SPLITTABLE_VISION
-
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch + position embeddings: never trained, so cached when the layers train (vision
-        LoRA) and only the layers run each step."""
-        assert self.vision_splittable
-        return self.vision.embeddings(pixel_values)
+        """Patch + position embeddings: trained only under ``--vision_encoder full``, so cached
+        when the layers alone train (vision LoRA, last_n) and only the layers run each step."""
+        assert self.vision_family is not None and self.vision_splittable
+        return self.vision_family.embed(self.vision, pixel_values)
 
     def encode_image(
         self, pixel_values: torch.Tensor | None = None, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Vision tokens (CLS + patches) before the projector (what the cache stores), from
-        pixels or from cached embeddings (``Dinov2Model.forward`` in two pieces)."""
-        assert self.vision is not None
-        if not self.vision_splittable:
-            return self.vision(pixel_values=pixel_values).last_hidden_state
-        if embeddings is None:
-            embeddings = self.embed_image(pixel_values)
-        return self.vision.layernorm(self.vision.encoder(embeddings).last_hidden_state)
+        pixels or from cached embeddings."""
+        assert self.vision is not None and self.vision_family is not None
+        if embeddings is not None:
+            return self.vision_family.encode_embeddings(self.vision, embeddings)
+        return self.vision_family.encode(self.vision, pixel_values)
 
     # -- fusion --------------------------------------------------------------------------
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,15 +314,21 @@ class VQAModel(nn.Module):
         features = features.to(text_states.dtype)
         image_tokens = self.projector(features) + self.projector.modality.weight[1]
         text_states = text_states + self.projector.modality.weight[0]
-        # Masked zero states round the key count up to a multiple of packed.GRID_MULTIPLE:
-        # the decoder's cross-attention softmax then takes the CPU's fast path (its result is
-        # unchanged: masked keys get probability 0).
-        batch_size, count = mask.shape[0], text_states.shape[1] + image_tokens.shape[1]
-        extra = -count % packed.GRID_MULTIPLE
-        filler = text_states.new_zeros(batch_size, extra, text_states.shape[-1])
-        states = torch.cat([text_states, image_tokens, filler], dim=1)
-        image_mask = mask.new_ones(batch_size, image_tokens.shape[1])
-        return states, torch.cat([mask, image_mask, mask.new_zeros(batch_size, extra)], dim=1)
+        states = torch.cat([text_states, image_tokens], dim=1)
+        image_mask = mask.new_ones(mask.shape[0], image_tokens.shape[1])
+        return self._pad_keys(states, torch.cat([mask, image_mask], dim=1))
+
+    def _pad_keys(
+        self, states: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked zero states up to a multiple of ``key_multiple`` keys (the result is
+        unchanged: masked keys get probability 0; vqadapt.speed says why it can be faster)."""
+        extra = -states.shape[1] % self.key_multiple
+        if not extra:
+            return states, mask
+        filler = states.new_zeros(states.shape[0], extra, states.shape[-1])
+        pad = mask.new_zeros(mask.shape[0], extra)
+        return torch.cat([states, filler], dim=1), torch.cat([mask, pad], dim=1)
 
     def forward(
         self,
@@ -274,34 +339,15 @@ class VQAModel(nn.Module):
         """Decoder logits (B, T, V) for teacher-forced ``decoder_input_ids``; with
         ``return_losses``, the per-sample mean token cross-entropy against ``labels`` (B,)."""
         states, mask = self.encode(batch)
-        inputs = dict(
+        if return_losses:
+            return self.teacher_forcing.losses(self.text, states, mask, batch, label_smoothing)
+        return self.text(
             encoder_outputs=BaseModelOutput(last_hidden_state=states),
             attention_mask=mask,
             decoder_input_ids=batch["decoder_input_ids"],
             decoder_attention_mask=batch.get("decoder_attention_mask"),
             use_cache=False,
-        )
-        if not return_losses:
-            return self.text(**inputs).logits
-        labels = batch["labels"]
-        if self.text.config.model_type not in SPLITTABLE_TEXT_FAMILIES:
-            logits = self.text(**inputs).logits
-            return token_losses(logits, labels, label_smoothing)
-        # BART layout: the LM head only where there is a label (answers are short and padded
-        # to the longest in the batch; the head's V x d matmul is the decoder's largest).
-        text_decoder = self.text.get_decoder()
-        if decoder.usable(text_decoder) and inputs["decoder_attention_mask"] is None:
-            hidden = decoder.teacher_forced(text_decoder, inputs["decoder_input_ids"], states, mask)
-        else:
-            hidden = self.text.model(**inputs).last_hidden_state
-        keep = labels != -100
-        logits = self.text.lm_head(hidden[keep]) + self.text.final_logits_bias
-        per_token = nn.functional.cross_entropy(
-            logits.float(), labels[keep], label_smoothing=label_smoothing, reduction="none"
-        )
-        rows = keep.nonzero()[:, 0]
-        sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
-        return sums / keep.sum(dim=1).clamp(min=1)
+        ).logits
 
     @torch.no_grad()
     def generate(
@@ -318,12 +364,4 @@ class VQAModel(nn.Module):
 
     @property
     def decoder_start_token_id(self) -> int:
-        config = self.text.config
-        start = config.decoder_start_token_id
-        if start is None:
-            start = (
-                config.eos_token_id
-                if config.model_type in ("mbart", "bart")
-                else config.pad_token_id
-            )
-        return int(start)
+        return self.text_family.decoder_start_token_id(self.text.config)

@@ -1,60 +1,642 @@
-"""The training loop, written out: setup, loop, evaluate, save.
+"""The training loop, written out: claim the run directory, assemble, fit, evaluate, save.
 
-Run directory (``--output_dir``)::
-
-    config.yaml              resolved settings (enough to rebuild the model)
-    status.json              running / success / failed
-    metrics.jsonl            one line per epoch
-    plan.txt                 the coverage table (what trains, per tower and layer)
-    summary.json             best epoch, final metrics, parameter counts, wall time, code version
-    predictions_val.jsonl    validation predictions of the best checkpoint
-    predictions_test.jsonl   test predictions of the best checkpoint
-    best/  last/             checkpoints of trained weights only (see checkpoint.py)
-    tensorboard/             TensorBoard event files
+``train`` reads top to bottom as the sequence of named steps below; the run directory and its
+files are ``run_dir.py``'s, the optimizer step, loop state and early stopping ``loop.py``'s,
+devices and precision ``runtime.py``'s. Under ``accelerate launch`` every process runs this
+function: the global batch is ``--batch_size``, split between the processes, and only the main
+process writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
-import shutil
+import resource
 import subprocess
 import time
-from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
+from transformers import get_scheduler
 
 import vqadapt
-from vqadapt.adapt import format_plan, layer_of, parameter_towers
-from vqadapt.build import build_data, build_model, resolve_backbones
+from vqadapt import embedded
+from vqadapt.adapt import AdaptationPlan, format_plan
+from vqadapt.build import (
+    Backbones,
+    DataBundle,
+    build_data,
+    build_model,
+    resolve_backbones,
+    validate_data,
+)
 from vqadapt.checkpoint import (
+    STATE_FILE,
     load_checkpoint,
     load_training_state,
-    recover_checkpoint,
     save_checkpoint,
 )
 from vqadapt.config import RunConfig
-from vqadapt.errors import VQAConfigError, VQATrainingError
+from vqadapt.data.pipeline import load_splits
+from vqadapt.errors import VQADataError, VQATrainingError
 from vqadapt.evaluate import (
     AnswerTrie,
     answer_counts,
-    predict,
-    score,
-    summed_loss,
+    evaluate_split,
+    gather_objects,
+    process_share,
+    without_predictions,
     write_predictions,
 )
-from vqadapt.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from vqadapt.loop import (
+    EarlyStopping,
+    GradientMeter,
+    LoopState,
+    LossLog,
+    OptimizerStep,
+    epoch_batches,
+    global_weighted_loss,
+    length_grouped_batches,
+    make_optimizer,
+    rng_state,
+    set_rng_state,
+)
+from vqadapt.run_dir import RunDirectory, disk_full, now
+from vqadapt.runtime import Runtime, trackers, training_runtime
+from vqadapt.weights import load_answer_weights, weight_for
 
-NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision -> autocast
+__all__ = ["epoch_batches", "evaluate_split", "make_optimizer", "process_share", "train"]
 
 
+def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one run and return its summary; a failure is recorded in status.json.
+
+    The run directory is locked for the whole call and made the run's only once the settings,
+    data and backbones passed their checks (``RunDirectory.begin``): a run that fails them
+    leaves the folder as it was. ``stop_after_epoch`` ends the loop early as an interruption
+    would (for tests).
+    """
+    config.validate()
+    started = time.perf_counter()
+    t = config.train
+    runtime = training_runtime(
+        t.device, t.mixed_precision, t.compile, t.ddp_timeout, trackers(t.report_to, t.output_dir)
+    )
+    log = log if runtime.is_main else _silent  # one process speaks
+    run = RunDirectory(t.output_dir, writer=runtime.is_main)
+    try:
+        resuming = claim(run, config, runtime)
+        if resuming and run.finished:
+            log(f"{run.path} is already finished: nothing to do (use --overwrite to train again)")
+            runtime.accelerator.end_training()
+            return run.summary()
+        with library_progress_bars(t.progress and runtime.is_main):
+            setup = assemble(config, runtime, log)
+        run.begin(config, format_plan(setup.plan) + "\n")
+        runtime.wait()
+        summary = fit_and_finish(config, run, setup, runtime, resuming, started, log,
+                                 stop_after_epoch)  # fmt: skip
+    finally:
+        run.release()
+    runtime.accelerator.end_training()  # ends the process group, if any (clean gloo / NCCL exit)
+    return summary
+
+
+def fit_and_finish(
+    config: RunConfig,
+    run: RunDirectory,
+    setup: Setup,
+    runtime: Runtime,
+    resuming: bool,
+    started: float,
+    log,
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
+    """The epochs, then the test split and the summary; a failure is recorded in status.json
+    with what was kept (out of memory and a full disk get their own advice)."""
+    t = config.train
+    where = {"phase": "setting up training", "checkpoint_epoch": 0}
+    try:
+        fit = prepare_fit(config, setup, runtime)
+        state = restore(run, fit, runtime, resuming, log)
+        where["checkpoint_epoch"] = state.epoch
+        stopper = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, state)
+        start_trackers(runtime, config, run, setup.plan)
+        for epoch in range(state.epoch + 1, t.epochs + 1):
+            where["phase"] = f"training epoch {epoch}"
+            record = train_epoch(fit, setup, state, epoch, config, runtime, run, log)
+            where["phase"] = f"validating epoch {epoch}"
+            val = evaluate_split(
+                fit.raw_model, setup.data, "val", setup.tokenizer, config,
+                setup.train_counts, setup.trie, runtime,
+            )  # fmt: skip
+            improved = stopper.update(epoch, val)
+            record = epoch_record(epoch, record, val, fit)
+            log(_epoch_line(record, improved))
+            where["phase"] = f"saving epoch {epoch}"
+            save_epoch(run, fit, setup, state, record, val, improved, runtime)
+            where["checkpoint_epoch"] = epoch
+            if stopper.should_stop:
+                log(
+                    f"early stopping: no improvement of {t.early_stopping_metric} for "
+                    f"{state.bad_epochs} epochs"
+                )
+                break
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                log(f"stopping after epoch {epoch} (interruption requested)")
+                _finish_trackers(runtime)
+                return {"interrupted_after": epoch}
+        where["phase"] = "evaluating the best checkpoint"
+        return finish(run, fit, setup, state, config, runtime, started, log)
+    except Exception as err:
+        _finish_trackers(runtime)
+        kept = run.kept(where["checkpoint_epoch"])
+        explained = explain_failure(err, config, runtime, where["phase"], kept)
+        recorded = run.failed(explained, kept)
+        if explained is err:
+            raise
+        if run.writer and not recorded:
+            explained = VQATrainingError(
+                f"{explained} ({run.file('status.json')} could not be updated either)"
+            )
+        raise explained from err
+
+
+def explain_failure(
+    err: BaseException, config: RunConfig, runtime: Runtime, phase: str, kept: str
+) -> BaseException:
+    """Out of memory and a full disk as ``VQATrainingError`` saying what to change and what
+    was kept; any other error as it is."""
+    t = config.train
+    if isinstance(err, torch.OutOfMemoryError):
+        if phase.startswith(("validating", "evaluating")):
+            advice = f"try a smaller --eval_batch_size (now {t.eval_batch_size})"
+        elif t.batch_size > 1:
+            factor = next(p for p in range(2, t.batch_size + 1) if t.batch_size % p == 0)
+            smaller, more = t.batch_size // factor, t.gradient_accumulation_steps * factor
+            advice = (
+                f"try --batch_size {smaller} --gradient_accumulation_steps {more} (the same "
+                f"effective batch of {t.batch_size * t.gradient_accumulation_steps}; --resume "
+                "accepts that change)"
+            )
+        else:
+            advice = (
+                "the batch size is already 1: train fewer layers (LoRA), use --mixed_precision "
+                "bf16, or a device with more memory"
+            )
+        return VQATrainingError(
+            f"out of memory on {runtime.device} while {phase} (--batch_size {t.batch_size}, "
+            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}): {advice}. {kept}"
+        )
+    if disk_full(err):
+        return VQATrainingError(
+            f"the disk is full (writing {getattr(err, 'filename', None) or 'a run file'} while "
+            f"{phase}): no half-written file was left; free some space, then continue with "
+            f"--resume. {kept}"
+        )
+    return err
+
+
+# -- trackers -------------------------------------------------------------------------------
+def start_trackers(runtime: Runtime, config: RunConfig, run: RunDirectory, plan) -> None:
+    """Start ``--report_to``'s trackers (accelerate's tracking API; the main process only)
+    with the run's settings and parameter counts as their configuration."""
+    if not runtime.accelerator.log_with:
+        return
+    values: dict[str, Any] = {}
+    for section in config.to_dict().values():
+        values.update({key: "null" if v is None else v for key, v in section.items()})
+    values.update(trainable_params=plan.trainable, total_params=plan.total)
+    runtime.accelerator.init_trackers(
+        "vqadapt",
+        config=values,
+        init_kwargs={
+            "wandb": {"name": run.path.name, "dir": str(run.path)},
+            "mlflow": {"run_name": run.path.name},
+        },
+    )
+
+
+def _finish_trackers(runtime: Runtime) -> None:
+    """Close the trackers of a run that ends early (their files complete, wandb synced)."""
+    for tracker in runtime.accelerator.trackers:
+        tracker.finish()
+    runtime.accelerator.trackers = []
+
+
+# -- claim ----------------------------------------------------------------------------------
+def claim(run: RunDirectory, config: RunConfig, runtime: Runtime) -> bool:
+    """The main process locks and claims the directory (nothing is written yet); every
+    process learns whether it resumes."""
+    resuming = run.claim(config) if runtime.is_main else False
+    if runtime.world > 1:
+        resuming = broadcast_object_list([resuming])[0]
+    return resuming
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """transformers' and the hub's progress bars ("Loading weights") on or off for a block
+    (``--no_progress`` turns every bar off, not only vqadapt's)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled == before:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+# -- assemble -------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What a run is made of: towers, the adapted model (on its device), data and caches."""
+
+    backbones: Backbones
+    model: Any
+    plan: AdaptationPlan
+    tokenizer: Any
+    data: DataBundle
+    skip_images: list[str]
+    weights_report: dict[str, Any] | None
+    train_counts: Any
+    trie: AnswerTrie | None
+
+
+def assemble(config: RunConfig, runtime: Runtime, log) -> Setup:
+    """Data check, backbones, the adapted model moved to its device, then data and caches
+    built on that device: everything that can refuse the run, before its folder is touched.
+    The main process goes first: it builds what is shared on disk (embedded data and
+    backbones, the data check's memo) and the others then find it ready; the feature caches
+    are built by all of them together, each its share of the shards."""
+    with runtime.main_first():
+        embedded_data = (
+            embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
+        )
+        skip_images = validate_data(config, embedded_data, log)
+        backbones = resolve_backbones(config, log)
+        model, plan, tokenizer, preprocessing = build_model(config, backbones, runtime.device)
+        log(format_plan(plan, per_layer=False))
+        log(f"device {runtime.device}, precision {runtime.precision}, speed paths: "
+            f"{model.speed_paths.describe()}")  # fmt: skip
+        splits = load_splits(config.data, backbones.embedded_data, skip_images)
+        check_splits(splits, config)
+        answer_weight, weights_report = None, None
+        if config.train.answer_weights:
+            table, weights_report = load_answer_weights(
+                config.train.answer_weights, [r.answer for r in splits.train]
+            )
+            answer_weight = lambda answer: weight_for(table, answer)  # noqa: E731
+            log(
+                f"answer weights: {weights_report['covered']} training answers covered, "
+                f"{weights_report['uncovered_answers']} not covered (weight 1)"
+            )
+    # Every process builds its share of the feature-cache shards on its own device, then
+    # reads them all: outside main_first, so that the processes build in parallel.
+    data = build_data(
+        config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits,
+        runtime=runtime,
+    )  # fmt: skip
+    trie = None
+    if config.train.constrain_to_train_answers:
+        trie = AnswerTrie(
+            [ids.tolist() for ids in data.encoded["train"].label_ids], tokenizer.eos_token_id
+        )
+    return Setup(
+        backbones, model, plan, tokenizer, data, skip_images, weights_report,
+        answer_counts(splits.train), trie,
+    )  # fmt: skip
+
+
+def check_splits(splits, config: RunConfig) -> None:
+    """A run needs training and validation questions (the test split may be absent): say
+    which split is empty and why, instead of failing deep inside tokenisation."""
+    d = config.data
+    skipped = splits.skipped or {}
+    for name in ("train", "val"):
+        if getattr(splits, name):
+            continue
+        source = (d.val_file if name == "val" else None) or d.train_file or "the embedded set"
+        why = (
+            f"--on_bad_image skip dropped all {skipped[name]} of its questions (their images "
+            "are bad)"
+            if skipped.get(name)
+            else "it holds no questions"
+        )
+        raise VQADataError(f"the {name} split is empty: {why}", file=source)
+
+
+# -- fit: optimizer, schedule, accelerate ----------------------------------------------------
+@dataclass
+class Fit:
+    model: Any  # as prepared by accelerate (DDP-wrapped under several processes)
+    raw_model: Any
+    optimizer: Any
+    scheduler: Any
+    step: OptimizerStep
+    meter: GradientMeter
+    steps_per_epoch: int
+
+
+def prepare_fit(config: RunConfig, setup: Setup, runtime: Runtime) -> Fit:
+    """AdamW (vision LoRA at its own rate), the schedule, and accelerate's wrapping."""
+    t = config.train
+    accelerator = runtime.accelerator
+    if runtime.rank:  # different dropout masks per process (rank 0 keeps the one-process stream)
+        torch.manual_seed(t.seed + 1_000_003 * runtime.rank)
+    vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
+    optimizer = make_optimizer(setup.model, t.lr, vision_lr, t.weight_decay)
+    n_train = len(setup.data.encoded["train"])
+    steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * t.epochs
+    scheduler = get_scheduler(
+        "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(setup.model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    meter = GradientMeter(raw_model)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    step = OptimizerStep(
+        model, optimizer, scheduler, meter, t.max_grad_norm, t.on_nonfinite,
+        scaler=accelerator.scaler, accelerator=accelerator, fallback=sharded,
+    )  # fmt: skip
+    return Fit(model, raw_model, optimizer, scheduler, step, meter, steps_per_epoch)
+
+
+# -- restore --------------------------------------------------------------------------------
+def restore(run: RunDirectory, fit: Fit, runtime: Runtime, resuming: bool, log) -> LoopState:
+    """The loop state to start from: fresh, or the last complete checkpoint's (weights,
+    optimizer, schedule, every process's RNG); metrics of later epochs are dropped."""
+    state = LoopState()
+    if resuming:
+        run.recover_checkpoints()
+    runtime.wait()
+    if resuming and run.last.exists() and not (run.last / STATE_FILE).exists():
+        raise VQADataError(
+            f"{run.last} holds no {STATE_FILE}: the run cannot resume from it. best/ holds the "
+            "best weights so far (vqadapt eval evaluates them); --overwrite starts again"
+        )
+    if resuming and (run.last / STATE_FILE).exists():
+        load_checkpoint(fit.raw_model, run.last)
+        saved = load_training_state(run.last)
+        fit.optimizer.load_state_dict(saved["optimizer"])
+        fit.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved.get("rng_per_rank", [saved["rng"]] * runtime.world)[runtime.rank])
+        state = LoopState.from_dict(saved["loop"])
+        fit.step.steps = state.step
+        log(f"resuming {run.path} after epoch {state.epoch}")
+    elif resuming:
+        log(f"{run.path} has no complete checkpoint yet: starting from the beginning")
+    run.trim_metrics(state.epoch)
+    return state
+
+
+# -- one epoch ------------------------------------------------------------------------------
+def train_epoch(
+    fit: Fit,
+    setup: Setup,
+    state: LoopState,
+    epoch: int,
+    config: RunConfig,
+    runtime: Runtime,
+    run: RunDirectory,
+    log,
+) -> dict[str, Any]:
+    """One pass over the training set; returns the epoch's training statistics.
+
+    Nothing in the loop reads a device value except every ``--log_every`` steps (progress,
+    the trackers, the non-finite check) and once at the end."""
+    t = config.train
+    accelerator = runtime.accelerator
+    started = time.perf_counter()
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    fit.model.train()
+    fit.meter.reset()
+    fit.step.reset_epoch()
+    losses = LossLog()
+    n_train = len(setup.data.encoded["train"])
+    if t.group_by_length:
+        encoded = setup.data.encoded["train"]
+        pairs = zip(encoded.input_ids, encoded.label_ids, strict=True)
+        lengths = [len(question) + len(answer) for question, answer in pairs]
+        batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
+    else:
+        batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
+    shares = [process_share(indices, runtime.rank, runtime.world) for indices in batches]
+    # A process whose share is empty (a last batch smaller than the number of processes)
+    # still runs a step, on weight 0, so that the gradient all-reduce meets. The loader's
+    # workers decode images and read cached rows ahead of the step.
+    stream = setup.data.loader(
+        "train",
+        [share or indices[:1] for share, indices in zip(shares, batches, strict=True)],
+        device=runtime.device,
+    )
+    progress = _progress(
+        zip(shares, stream, strict=True),
+        f"epoch {epoch}/{t.epochs}",
+        t.progress and runtime.is_main,
+        total=len(batches),
+    )
+    step_loss = grad_norm = None
+    for micro, (share, host_batch) in enumerate(progress):
+        sync_step = (micro + 1) % t.gradient_accumulation_steps == 0 or micro == len(batches) - 1
+        batch = runtime.move(host_batch)
+        if not share:
+            batch["weights"] = torch.zeros_like(batch["weights"])
+        # Gradients are all-reduced only on the micro-batch that ends an accumulation.
+        with contextlib.nullcontext() if sync_step else accelerator.no_sync(fit.model):
+            with runtime.autocast():
+                per_sample = fit.model(batch, return_losses=True, label_smoothing=t.label_smoothing)
+            loss, value = global_weighted_loss(per_sample, batch["weights"], accelerator)
+            accelerator.backward(loss / t.gradient_accumulation_steps)
+        losses.add(value)
+        step_loss = value if step_loss is None else step_loss + value
+        if not sync_step:
+            continue
+        grad_norm = fit.step(step_loss)
+        step_loss = None
+        state.step += 1
+        if state.step % t.log_every == 0:  # the only reads of device values in the loop
+            fit.step.check(epoch, str(run.last), state.epoch)
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(loss=f"{losses.recent_mean():.3f}")
+            if accelerator.trackers:
+                values = {
+                    "train/loss": float(value),
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": fit.scheduler.get_last_lr()[0],
+                }
+                accelerator.log(values, step=state.step)
+    fit.step.check(epoch, str(run.last), state.epoch)
+    mean, std = losses.summary()
+    return {
+        "train_loss": mean,
+        "train_loss_std": std,
+        **fit.meter.epoch_record(),
+        "skipped_steps": fit.step.skipped_steps(),
+        "train_seconds": time.perf_counter() - started,  # training only (after the reads above)
+        **peak_memory(runtime),
+        "started": started,
+        "n_train": n_train,
+    }
+
+
+def peak_memory(runtime: Runtime) -> dict[str, float | None]:
+    """The epoch's peak GPU memory allocated (CUDA) and the process's peak RSS (MiB)."""
+    gpu = None
+    if runtime.device.type == "cuda":
+        gpu = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_gpu_memory_mib": gpu, "peak_rss_mib": rss}
+
+
+def epoch_record(epoch: int, train_part: dict[str, Any], val: dict[str, Any], fit: Fit) -> dict:
+    """One line of metrics.jsonl; its seconds are the epoch's training and validation."""
+    seconds = time.perf_counter() - train_part.pop("started")
+    samples_per_s = train_part.pop("n_train") / seconds
+    return {
+        "epoch": epoch,
+        "train_loss": train_part.pop("train_loss"),
+        "train_loss_std": train_part.pop("train_loss_std"),
+        "val_loss": val["loss"],
+        "val_em": val["em"],
+        "val_f1": val["f1"],
+        "val_f1_set": val["f1_set"],
+        "lr": fit.scheduler.get_last_lr()[0],
+        **train_part,
+        "seconds": seconds,
+        "samples_per_s": samples_per_s,
+    }
+
+
+def _epoch_line(record: dict[str, Any], improved: bool) -> str:
+    return (
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  val loss "
+        f"{record['val_loss']:.4f}  val EM {100 * record['val_em']:.1f}  F1 "
+        f"{100 * record['val_f1']:.1f}" + ("  (best)" if improved else "")
+    )
+
+
+# -- save -----------------------------------------------------------------------------------
+def save_epoch(
+    run: RunDirectory,
+    fit: Fit,
+    setup: Setup,
+    state: LoopState,
+    record: dict[str, Any],
+    val: dict[str, Any],
+    improved: bool,
+    runtime: Runtime,
+) -> None:
+    """The epoch's metrics line, then ``best/`` (if improved) and ``last/`` checkpoints."""
+    rng_per_rank = gather_objects([rng_state()], runtime)
+    # Under several processes the weights to save are gathered by accelerate (whole
+    # parameters even where FSDP / ZeRO shard them); a collective: every process calls it.
+    full_state = runtime.accelerator.get_state_dict(fit.model) if runtime.world > 1 else None
+    bases = _bases(setup.backbones)
+    if runtime.is_main:
+        if improved:
+            save_checkpoint(fit.raw_model, run.best, base_models=bases, full_state=full_state)
+            write_predictions(
+                run.file("predictions_val.jsonl"), setup.data.splits.val, val["predictions"]
+            )
+        training_state = {
+            "optimizer": fit.optimizer.state_dict(),
+            "scheduler": fit.scheduler.state_dict(),
+            "rng": rng_state(),
+            "rng_per_rank": rng_per_rank,
+            "loop": state.to_dict(),
+        }
+        # The metrics line goes first: a kill between the two leaves a line that resume
+        # drops (it trims metrics.jsonl to the checkpoint's epoch) and recomputes.
+        run.append_metrics(record)
+        save_checkpoint(
+            fit.raw_model, run.last, training_state=training_state, base_models=bases,
+            full_state=full_state,
+        )  # fmt: skip
+        # at the optimizer step, the one axis every tracker shares (wandb wants it rising)
+        values = {f"val/{key[4:]}": record[key] for key in ("val_loss", "val_em", "val_f1")}
+        values.update({"train/epoch_loss": record["train_loss"], "epoch": record["epoch"]})
+        runtime.accelerator.log(values, step=state.step)
+    runtime.wait()  # checkpoints are on disk before any process reads them
+
+
+# -- finish ---------------------------------------------------------------------------------
+def finish(
+    run: RunDirectory,
+    fit: Fit,
+    setup: Setup,
+    state: LoopState,
+    config: RunConfig,
+    runtime: Runtime,
+    started: float,
+    log,
+) -> dict[str, Any]:
+    """The best checkpoint on the test split, then ``summary.json`` and a "success" status.
+    The validation scores are the best epoch's (no second validation pass)."""
+    load_checkpoint(fit.raw_model, run.best)
+    data, t = setup.data, config.train
+
+    def evaluate(split: str) -> dict[str, Any]:
+        return evaluate_split(
+            fit.raw_model, data, split, setup.tokenizer, config, setup.train_counts,
+            setup.trie, runtime,
+        )  # fmt: skip
+
+    test = evaluate("test") if len(data.splits.test) else None
+    val = state.best_val or without_predictions(evaluate("val"))  # older checkpoints lack it
+    history = run.metrics()
+    plan = setup.plan
+    summary = {
+        "status": "success",
+        "strategy": plan.strategy,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": min((row["val_loss"] for row in history), default=None),
+        "best_metric": {t.early_stopping_metric: state.best},
+        "epochs_run": state.epoch,
+        "stopped_early": state.epoch < t.epochs,
+        "wall_time_s": time.perf_counter() - started,
+        "params": {
+            "trainable": plan.trainable,
+            "total": plan.total,
+            "per_tower": plan.per_tower,
+            "coverage": plan.coverage,
+            "text_encoder_layers_adapted": plan.text_encoder_layers_adapted,
+            "text_encoder_layers_total": plan.text_encoder_layers_total,
+        },
+        "plan": plan.to_dict(),
+        "val": val,
+        "test": without_predictions(test) if test else None,
+        "data": {name: len(getattr(data.splits, name)) for name in ("train", "val", "test")}
+        | {"sources": data.splits.sources},
+        "answer_weights": setup.weights_report,
+        "skipped_bad_images": {"images": setup.skip_images, "questions": data.splits.skipped},
+        "backbones": _bases(setup.backbones),
+        "device": {"type": runtime.device.type, "precision": runtime.precision},
+        "code_version": code_version(),
+        "finished": now(),
+    }
+    if runtime.is_main and test:
+        write_predictions(run.file("predictions_test.jsonl"), data.splits.test, test["predictions"])
+    run.succeeded(summary)
+    if test:
+        log(f"test: EM {100 * test['em']:.1f}  F1 {100 * test['f1']:.1f}  (n={test['n']})")
+    runtime.wait()
+    return summary
+
+
+# -- small helpers --------------------------------------------------------------------------
 def code_version() -> str:
     try:
         sha = subprocess.run(
@@ -69,626 +651,12 @@ def code_version() -> str:
     return f"{vqadapt.__version__}+{sha}" if sha else vqadapt.__version__
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def prepare_run_dir(config: RunConfig) -> tuple[Path, bool]:
-    """Create / check the run directory. Returns (path, resuming)."""
-    out = Path(config.train.output_dir)
-    holds_run = (out / "config.yaml").exists()
-    if not holds_run:
-        out.mkdir(parents=True, exist_ok=True)
-        return out, False
-    if config.train.overwrite:
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
-        return out, False
-    if not config.train.resume:
-        raise VQAConfigError(
-            f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it"
-        )
-    saved = RunConfig.load(out / "config.yaml").to_dict()
-    current = config.to_dict()
-    ignore = {"resume", "overwrite", "progress", "epochs", "eval_batch_size"}
-    diffs = [
-        f"{key}: {saved[section].get(key)!r} -> {value!r}"
-        for section, values in current.items()
-        for key, value in values.items()
-        if key not in ignore and saved[section].get(key) != value
-    ]
-    if diffs:
-        raise VQAConfigError(
-            f"{out} holds a run with other settings; differences: {'; '.join(diffs)}"
-        )
-    return out, True
-
-
-def param_groups(model, lr: float, vision_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms and embeddings; the vision LoRA at its own rate."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS)
-        groups[(no_decay, name.startswith("vision."))].append(param)
-    return [
-        {
-            "params": params,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr": vision_lr if is_vision else lr,
-        }
-        for (no_decay, is_vision), params in sorted(groups.items())
-    ]
-
-
-def make_optimizer(model, lr: float, vision_lr: float, weight_decay: float):
-    """AdamW over the trainable parameters only (frozen ones get no state), fused: one kernel
-    over all tensors instead of a few per tensor (same update, the step costs less)."""
-    return torch.optim.AdamW(param_groups(model, lr, vision_lr, weight_decay), fused=True)
-
-
-class GradientMeter:
-    """L2 norm of the gradients per tower and per text-encoder layer, averaged over an epoch."""
-
-    def __init__(self, model) -> None:
-        self.entries = []
-        towers = parameter_towers(model)
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            where = layer_of(model, name)
-            layer = f"text_encoder.{where[1] - 1}" if where and where[0] == "text_encoder" else None
-            self.entries.append((param, towers[name], layer))
-        self.layers = [f"text_encoder.{i}" for i in range(model.text_layout.num_layers)]
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.steps = 0
-        self.max_total = 0.0
-
-    def measure(self) -> float:
-        present = [(tower, layer, p.grad) for p, tower, layer in self.entries if p.grad is not None]
-        if not present:
-            return 0.0
-        # One fused reduction over all tensors and a single device sync, not one per tensor.
-        norms = torch.stack(torch._foreach_norm([grad.detach() for _, _, grad in present]))
-        squares: dict[str, float] = defaultdict(float)
-        for (tower, layer, _), value in zip(present, norms.double().pow(2).tolist(), strict=True):
-            squares[tower] += value
-            if layer:
-                squares[layer] += value
-        total = math.sqrt(sum(v for k, v in squares.items() if "." not in k))
-        for key, value in squares.items():
-            self.sums[key] += math.sqrt(value)
-        self.steps += 1
-        self.max_total = max(self.max_total, total)
-        return total
-
-    def epoch_record(self) -> dict[str, Any]:
-        steps = max(self.steps, 1)
-        towers = ("vision", "projector", "text_encoder", "text_decoder")
-        return {
-            "grad_norm": {tower: self.sums.get(tower, 0.0) / steps for tower in towers},
-            "grad_norm_max": self.max_total,
-            "grad_norm_layers": {layer: self.sums.get(layer, 0.0) / steps for layer in self.layers},
-        }
-
-
-def rng_state() -> dict[str, Any]:
-    """Torch and Python RNG state as tensors and strings (loadable with weights_only=True)."""
-    return {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    import ast
-
-    random.setstate(ast.literal_eval(state["python"]))
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch: a function of (seed, epoch) only, so resume is exact."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def make_accelerator(mixed_precision: str):
-    """The Accelerator; several launched processes on a machine without GPUs train on CPU.
-
-    ``accelerate launch --multi_gpu`` on a machine with no accelerator would otherwise give
-    processes that each train alone (accelerate falls back to no distribution), duplicating
-    the work and racing on the run directory.
-    """
-    import os
-
-    from accelerate import Accelerator
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_only = launched > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_only)
-    if accelerator.num_processes != launched:
-        raise VQAConfigError(
-            f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
-            "check the accelerate config (distributed_type, num_processes)"
-        )
-    return accelerator
-
-
-def length_grouped_batches(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50
-) -> list[list[int]]:
-    """Batches of similar lengths (``--group_by_length``), a function of (seed, epoch) only:
-    the epoch's shuffled order is cut into windows of ``window`` batches, each window sorted by
-    length (longest first) and cut into batches, and the batches are shuffled."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    span = window * batch_size
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def process_share(indices: list[int], rank: int, world: int) -> list[int]:
-    """This process's contiguous share of ``indices`` (the shares of all ranks, in rank
-    order, are ``indices`` again: nothing dropped, nothing duplicated)."""
-    start = len(indices) * rank // world
-    return indices[start : len(indices) * (rank + 1) // world]
-
-
-def train(config: RunConfig, log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train (or resume) one run and return its summary; a failure is recorded in status.json.
-
-    ``stop_after_epoch`` ends the loop early as an interruption would (for tests).
-    """
-    owned: list[Path] = []  # holds the run directory once this call has claimed it
-    try:
-        return _train(config, log, stop_after_epoch, owned)
-    except Exception as err:
-        if owned:
-            status_file = owned[0] / "status.json"
-            failed = {
-                "status": "failed",
-                "error": f"{type(err).__name__}: {err}",
-                "finished": now(),
-            }
-            atomic_write_json(status_file, {**read_json(status_file), **failed})
-        raise
-
-
-def _train(
-    config: RunConfig, log, stop_after_epoch: int | None, owned: list[Path]
-) -> dict[str, Any]:
-    from transformers import get_scheduler
-
-    config.validate()
-    started = time.perf_counter()
-    # Under `accelerate launch` every process runs this function. The global batch is
-    # --batch_size, split between the processes; only the main process writes files.
-    accelerator = make_accelerator(config.train.mixed_precision)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if not main:
-        log = lambda _: None  # noqa: E731  (one process speaks)
-    out, resuming = Path(config.train.output_dir), False
-    if main:  # only the main process may create or clear the run directory
-        out, resuming = prepare_run_dir(config)
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
-
-        resuming = broadcast_object_list([resuming])[0]
-    if resuming and (out / "summary.json").exists():
-        log(f"{out} is already finished: nothing to do (use --overwrite to train again)")
-        accelerator.end_training()
-        return read_json(out / "summary.json")
-    if main:
-        config.save(out / "config.yaml")
-        atomic_write_json(
-            out / "status.json",
-            {"status": "running", "error": None, "started": now(), "finished": None},
-        )
-        owned.append(out)
-    accelerator.wait_for_everyone()
-
-    # -- setup ---------------------------------------------------------------------------
-    # The main process builds what is shared on disk (embedded data and backbones, the data
-    # check's memo, feature caches) first; the others then find it ready.
-    with accelerator.main_process_first():
-        setup = _assemble(config, out, main, log)
-    backbones, model, plan, tokenizer = setup.backbones, setup.model, setup.plan, setup.tokenizer
-    # Every process builds its share of the feature-cache shards on its device, then reads
-    # them all (not under main_process_first: the processes build in parallel).
-    model.to(accelerator.device)
-    setup.data = build_data(
-        config,
-        model,
-        tokenizer,
-        setup.preprocessing,
-        backbones,
-        setup.answer_weight,
-        log,
-        setup.splits,
-        device=accelerator.device,
-        compute_dtype=COMPUTE_DTYPES.get(config.train.mixed_precision),
-        rank=rank,
-        world=world,
-        barrier=accelerator.wait_for_everyone,
-    )
-    splits, data, skip_images = setup.splits, setup.data, setup.skip_images
-    weights_report = setup.weights_report
-    if rank:  # different dropout masks per process (rank 0 keeps the single-process stream)
-        torch.manual_seed(config.train.seed + 1_000_003 * rank)
-    train_counts = answer_counts(splits.train)
-    trie = None
-    if config.train.constrain_to_train_answers:
-        trie = AnswerTrie(
-            [ids.tolist() for ids in data.encoded["train"].label_ids], tokenizer.eos_token_id
-        )
-
-    t = config.train
-    vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
-    optimizer = make_optimizer(model, t.lr, vision_lr, t.weight_decay)
-    n_train = len(data.encoded["train"])
-    if t.group_by_length:
-        encoded = data.encoded["train"]
-        pairs = zip(encoded.input_ids, encoded.label_ids, strict=True)
-        lengths = [len(question) + len(answer) for question, answer in pairs]
-    steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * t.epochs
-    scheduler = get_scheduler(
-        "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
-        optimizer,
-        num_warmup_steps=int(t.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-
-    loop = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "step": 0}
-    if resuming and main:
-        recover_checkpoint(out / "last")
-        recover_checkpoint(out / "best")
-    accelerator.wait_for_everyone()
-    if resuming and (out / "last" / "training_state.pt").exists():
-        load_checkpoint(raw_model, out / "last")
-        state = load_training_state(out / "last")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state.get("rng_per_rank", [state["rng"]] * world)[rank])
-        loop = {key: state["loop"][key] for key in loop}
-        log(f"resuming {out} after epoch {loop['epoch']}")
-    elif resuming:
-        log(f"{out} has no complete checkpoint yet: starting from the beginning")
-    if main and loop["epoch"] == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if main and resuming:
-        kept = [row for row in read_jsonl(out / "metrics.jsonl") if row["epoch"] <= loop["epoch"]]
-        atomic_write_text(out / "metrics.jsonl", "".join(json_line(row) for row in kept))
-
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-    meter = GradientMeter(raw_model)
-    better = (lambda a, b: a < b) if t.early_stopping_metric == "val_loss" else (lambda a, b: a > b)
-
-    # -- loop ----------------------------------------------------------------------------
-    for epoch in range(loop["epoch"] + 1, t.epochs + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        meter.reset()
-        step_losses: list[float] = []
-        skipped_steps, nonfinite = 0, False
-        if t.group_by_length:
-            batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
-        else:
-            batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
-        shares = [process_share(indices, rank, world) for indices in batches]
-        # A process whose share is empty (a last batch smaller than the number of
-        # processes) still runs a step, on weight 0, so that the gradient all-reduce meets.
-        stream = data.loader(
-            "train",
-            [share or indices[:1] for share, indices in zip(shares, batches, strict=True)],
-            device=accelerator.device,
-        )
-        progress = _progress(
-            zip(shares, stream, strict=True),
-            f"epoch {epoch}/{t.epochs}",
-            t.progress and main,
-            total=len(batches),
-        )
-        for micro, (share, batch) in enumerate(progress):
-            last_micro = micro == len(batches) - 1
-            sync_step = (micro + 1) % t.gradient_accumulation_steps == 0 or last_micro
-            if not share:
-                batch["weights"] = torch.zeros_like(batch["weights"])
-            # Gradients are all-reduced only on the micro-batch that ends an accumulation.
-            with contextlib.nullcontext() if sync_step else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    per_sample = model(batch, return_losses=True, label_smoothing=t.label_smoothing)
-                loss, loss_value = global_weighted_loss(per_sample, batch["weights"], accelerator)
-                accelerator.backward(loss / t.gradient_accumulation_steps)
-            nonfinite = nonfinite or not math.isfinite(loss_value)
-            if math.isfinite(loss_value):
-                step_losses.append(loss_value)
-            if not sync_step:
-                continue
-            grad_norm = meter.measure()
-            if nonfinite or not math.isfinite(grad_norm):
-                where = f"epoch {epoch}, step {loop['step'] + 1}"
-                if t.on_nonfinite == "stop":
-                    raise VQATrainingError(
-                        f"non-finite loss or gradients at {where}: training stopped. The last "
-                        f"good checkpoint is {out / 'last'} (after epoch {loop['epoch']}); lower "
-                        "--lr, or pass --on_nonfinite skip to skip such steps"
-                    )
-                log(f"warning: non-finite loss or gradients at {where}: step skipped")
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                skipped_steps += 1
-                nonfinite = False
-                continue
-            if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loop["step"] += 1
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(loss=f"{np.mean(step_losses[-20:]):.3f}")
-            if writer and loop["step"] % t.log_every == 0:
-                writer.add_scalar("train/loss", loss_value, loop["step"])
-                writer.add_scalar("train/grad_norm", grad_norm, loop["step"])
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], loop["step"])
-
-        # -- evaluate --------------------------------------------------------------------
-        val = evaluate_split(
-            raw_model, data, "val", tokenizer, config, train_counts, trie, accelerator
-        )
-        record = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(step_losses)) if step_losses else float("nan"),
-            "train_loss_std": float(np.std(step_losses)) if step_losses else float("nan"),
-            "val_loss": val["loss"],
-            "val_em": val["em"],
-            "val_f1": val["f1"],
-            "val_f1_set": val["f1_set"],
-            "lr": scheduler.get_last_lr()[0],
-            **meter.epoch_record(),
-            "skipped_steps": skipped_steps,
-            "seconds": time.perf_counter() - epoch_start,
-            "samples_per_s": n_train / (time.perf_counter() - epoch_start),
-        }
-        current = val["loss"] if t.early_stopping_metric == "val_loss" else val["em"]
-        improved = loop["best"] is None or better(current, loop["best"])
-        if improved:
-            loop.update(best=current, best_epoch=epoch, bad_epochs=0)
-        else:
-            loop["bad_epochs"] += 1
-        loop["epoch"] = epoch
-        log(
-            f"epoch {epoch}: train loss {record['train_loss']:.4f}  val loss {val['loss']:.4f}  "
-            f"val EM {100 * val['em']:.1f}  F1 {100 * val['f1']:.1f}"
-            + ("  (best)" if improved else "")
-        )
-        rng_per_rank = gather_objects([rng_state()], accelerator)
-        # Under several processes the weights to save are gathered by accelerate (whole
-        # parameters even where FSDP / ZeRO shard them); a collective: every process calls it.
-        full_state = accelerator.get_state_dict(model) if world > 1 else None
-        if main:
-            if improved:
-                save_checkpoint(
-                    raw_model, out / "best", base_models=_bases(backbones), full_state=full_state
-                )
-                write_predictions(
-                    out / "predictions_val.jsonl", data.splits.val, val["predictions"]
-                )
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "rng_per_rank": rng_per_rank,
-                "loop": dict(loop),
-            }
-            # The metrics line goes first: a kill between the two leaves a line that resume
-            # drops (it trims metrics.jsonl to the checkpoint's epoch) and recomputes.
-            append_jsonl(out / "metrics.jsonl", record)
-            save_checkpoint(
-                raw_model,
-                out / "last",
-                training_state=state,
-                base_models=_bases(backbones),
-                full_state=full_state,
-            )
-            for key in ("val_loss", "val_em", "val_f1"):
-                writer.add_scalar(f"val/{key[4:]}", record[key], epoch)
-            writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
-        accelerator.wait_for_everyone()  # checkpoints are on disk before any process reads them
-        if t.early_stopping_patience and loop["bad_epochs"] >= t.early_stopping_patience:
-            log(
-                f"early stopping: no improvement of {t.early_stopping_metric} for {loop['bad_epochs']} epochs"
-            )
-            break
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            log(f"stopping after epoch {epoch} (interruption requested)")
-            return {"interrupted_after": epoch}
-
-    # -- final: best checkpoint on test ----------------------------------------------------
-    if writer:
-        writer.close()
-    load_checkpoint(raw_model, out / "best")
-    test = (
-        evaluate_split(raw_model, data, "test", tokenizer, config, train_counts, trie, accelerator)
-        if len(data.splits.test)
-        else None
-    )
-    history = read_jsonl(out / "metrics.jsonl")
-    summary = {
-        "status": "success",
-        "strategy": plan.strategy,
-        "best_epoch": loop["best_epoch"],
-        "best_val_loss": min((row["val_loss"] for row in history), default=None),
-        "best_metric": {t.early_stopping_metric: loop["best"]},
-        "epochs_run": loop["epoch"],
-        "stopped_early": loop["epoch"] < t.epochs,
-        "wall_time_s": time.perf_counter() - started,
-        "params": {
-            "trainable": plan.trainable,
-            "total": plan.total,
-            "per_tower": plan.per_tower,
-            "coverage": plan.coverage,
-            "text_encoder_layers_adapted": plan.text_encoder_layers_adapted,
-            "text_encoder_layers_total": plan.text_encoder_layers_total,
-        },
-        "plan": plan.to_dict(),
-        "val": _without_predictions(
-            evaluate_split(
-                raw_model, data, "val", tokenizer, config, train_counts, trie, accelerator
-            )
-        ),
-        "test": _without_predictions(test) if test else None,
-        "data": {name: len(getattr(data.splits, name)) for name in ("train", "val", "test")}
-        | {"sources": data.splits.sources},
-        "answer_weights": weights_report,
-        "skipped_bad_images": {"images": skip_images, "questions": data.splits.skipped},
-        "backbones": _bases(backbones),
-        "code_version": code_version(),
-        "finished": now(),
-    }
-    if main:
-        if test:
-            write_predictions(out / "predictions_test.jsonl", data.splits.test, test["predictions"])
-        atomic_write_json(out / "summary.json", summary)
-        status = read_json(out / "status.json")
-        atomic_write_json(out / "status.json", {**status, "status": "success", "finished": now()})
-    if test:
-        log(f"test: EM {100 * test['em']:.1f}  F1 {100 * test['f1']:.1f}  (n={test['n']})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # ends the process group, if any (a clean exit for gloo / NCCL)
-    return summary
-
-
-@dataclass
-class _Setup:
-    backbones: Any
-    model: Any
-    plan: Any
-    tokenizer: Any
-    splits: Any
-    data: Any
-    skip_images: list[str]
-    weights_report: dict[str, Any] | None
-    preprocessing: Any = None
-    answer_weight: Any = None
-
-
-def _assemble(config: RunConfig, out: Path, main: bool, log) -> _Setup:
-    """Data check, backbones, model (adapted) and splits (the batches and caches come after,
-    built by every process: ``build_data``)."""
-    from vqadapt import embedded
-    from vqadapt.build import validate_data
-    from vqadapt.data.pipeline import load_splits
-    from vqadapt.weights import load_answer_weights, weight_for
-
-    embedded_data = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
-    skip_images = validate_data(config, embedded_data, log)
-    backbones = resolve_backbones(config, log)
-    model, plan, tokenizer, preprocessing = build_model(config, backbones)
-    log(format_plan(plan, per_layer=False))
-    if main:
-        atomic_write_text(out / "plan.txt", format_plan(plan) + "\n")
-    answer_weight, weights_report = None, None
-    splits = load_splits(config.data, backbones.embedded_data, skip_images)
-    if config.train.answer_weights:
-        table, weights_report = load_answer_weights(
-            config.train.answer_weights, [r.answer for r in splits.train]
-        )
-        answer_weight = lambda answer: weight_for(table, answer)  # noqa: E731
-        log(
-            f"answer weights: {weights_report['covered']} training answers covered, "
-            f"{weights_report['uncovered_answers']} not covered (weight 1)"
-        )
-    return _Setup(
-        backbones,
-        model,
-        plan,
-        tokenizer,
-        splits,
-        None,
-        skip_images,
-        weights_report,
-        preprocessing,
-        answer_weight,
-    )
-
-
-def evaluate_split(
-    model, data, split, tokenizer, config, train_counts, trie, accelerator=None
-) -> dict[str, Any]:
-    """Loss, predictions and scores of a split. With several processes each one evaluates
-    its contiguous share and the shares are gathered in rank order (every sample once)."""
-    collator = data.collators[split]
-    n = len(data.encoded[split])
-    t = config.train
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    share = process_share(list(range(n)), rank, world)
-    loss_sum = summed_loss(model, collator, share, t.eval_batch_size)
-    predictions = predict(
-        model,
-        collator,
-        n,
-        tokenizer,
-        t.eval_batch_size,
-        config.data.max_answer_tokens,
-        t.num_beams,
-        trie,
-        indices=share,
-    )
-    if world > 1:
-        loss_sum = sum(gather_objects([loss_sum], accelerator))
-        predictions = gather_objects(predictions, accelerator)
-    if len(predictions) != n:
-        raise VQATrainingError(f"{split}: gathered {len(predictions)} predictions for {n} samples")
-    loss = loss_sum / max(n, 1)
-    result = score(getattr(data.splits, split), predictions, train_counts)
-    return {"loss": loss, **result, "predictions": predictions}
-
-
-def global_weighted_loss(
-    per_sample: torch.Tensor, weights: torch.Tensor, accelerator
-) -> tuple[torch.Tensor, float]:
-    """The global batch's weighted mean loss, computed from this process's share.
-
-    DDP averages gradients over the processes, so this process's loss is its share of the
-    numerator over the *global* weight sum, times the number of processes: the gradient is
-    then exactly that of ``weighted_loss`` over the whole batch in one process (with one
-    process, the reduction is the identity and this is ``weighted_loss``).
-    Returns (loss to backpropagate, global loss value for logging)."""
-    numerator = (per_sample * weights).sum()
-    totals = accelerator.reduce(torch.stack([numerator.detach(), weights.sum()]), "sum")
-    denominator = totals[1].clamp(min=1e-12)
-    loss = numerator / denominator * accelerator.num_processes
-    return loss, (totals[0] / denominator).item()
-
-
-def gather_objects(items: list[Any], accelerator) -> list[Any]:
-    """The lists of all processes, concatenated in rank order (``gather_for_metrics``)."""
-    if accelerator.num_processes == 1:
-        return list(items)
-    return list(accelerator.gather_for_metrics(items, use_gather_object=True))
-
-
-def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in result.items() if key != "predictions"}
-
-
-def _bases(backbones) -> dict[str, str | None]:
+def _bases(backbones: Backbones) -> dict[str, str | None]:
     return {"vision": backbones.vision, "text": backbones.text}
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _progress(items, description: str, enabled: bool, total: int | None = None):
@@ -697,15 +665,3 @@ def _progress(items, description: str, enabled: bool, total: int | None = None):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=description, leave=False, dynamic_ncols=True, total=total)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def json_line(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row, ensure_ascii=False) + "\n"

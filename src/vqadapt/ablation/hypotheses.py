@@ -1,6 +1,7 @@
 """Check a study against its hypotheses file: expected ranges and directional claims.
 
-``load_hypotheses`` reads and validates ``experiments/hypotheses.yaml``;
+``load_hypotheses`` reads and validates a hypotheses file (the shipped one:
+``vqadapt/experiments/hypotheses.yaml``);
 ``expected_vs_measured`` compares expected and measured scores; ``check_claims`` gives
 each claim a verdict with a sentence of evidence.
 """
@@ -18,7 +19,7 @@ CLAIM_RULES = ("better", "best", "overfits_more", "later_onset", "more_stable")
 
 
 def load_hypotheses(path: str | Path) -> dict:
-    """Read and check a hypotheses file (see ``experiments/hypotheses.yaml``)."""
+    """Read and check a hypotheses file (see ``vqadapt/experiments/hypotheses.yaml``)."""
     import yaml
 
     path = Path(path)

@@ -21,9 +21,7 @@ from vqadapt.ablation.plots import (
     plot_learning_curves,
     plot_per_type,
 )
-
-_REPO_HYPOTHESES = Path(__file__).resolve().parents[3] / "experiments" / "hypotheses.yaml"
-
+from vqadapt.experiments import hypotheses_file
 
 # ---------------------------------------------------------------- blocks
 
@@ -272,7 +270,13 @@ def _coverage_table(table: list[dict]) -> list[Block]:
         "text-encoder coverage",
         "layers adapted",
     ]
-    return [Heading("Parameters and coverage"), Table(headers, rows)]
+    exact = "; ".join(
+        f"{r['experiment']} {r['trainable_params']:,}"
+        for r in table
+        if _finite(r["trainable_params"])
+    )
+    note = Para(f"Trainable parameters, exact (each cell's plan): {exact or 'none'}.")
+    return [Heading("Parameters and coverage"), Table(headers, rows), note]
 
 
 def _significance(rows: list[dict]) -> list[Block]:
@@ -404,7 +408,7 @@ METHOD_NOTES = [
 def _find_hypotheses(study_dir: Path, explicit: str | Path | None) -> Path | None:
     if explicit is not None:
         return Path(explicit)
-    for candidate in (study_dir / "hypotheses.yaml", _REPO_HYPOTHESES):
+    for candidate in (study_dir / "hypotheses.yaml", hypotheses_file()):
         if candidate.exists():
             return candidate
     return None
@@ -417,8 +421,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Read a study and write report.md, report.html, results.csv, significance.csv, plots/.
 
-    ``hypotheses_path`` defaults to ``STUDY/hypotheses.yaml``, then the repository's
-    ``experiments/hypotheses.yaml``. Returns each written file keyed by its path relative
+    ``hypotheses_path`` defaults to ``STUDY/hypotheses.yaml``, then the one shipped in
+    ``vqadapt.experiments``. Returns each written file keyed by its path relative
     to ``out_dir`` (default: the study directory). Every file is written atomically.
     """
     study_dir = Path(study_dir)

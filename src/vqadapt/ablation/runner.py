@@ -1,7 +1,7 @@
 """The ablation runner: presets are data, each cell is a run directory with a status.
 
-A preset (``experiments/presets/NAME.yaml``) is a small file of overrides over
-``experiments/defaults.yaml``: ``base`` applies to every cell, then each experiment's
+A preset (``presets/NAME.yaml`` of ``vqadapt.experiments``, shipped with the package) is a small
+file of overrides over its ``defaults.yaml``: ``base`` applies to every cell, then each experiment's
 ``overrides`` (or every combination of a ``grid``). Each (experiment, seed) cell trains in its
 own process (``python -m vqadapt train --config cell.yaml``), so a crash or an out-of-memory
 kill marks that cell failed and the study goes on. Rerunning skips finished cells, resumes
@@ -24,11 +24,11 @@ from typing import Any
 
 import yaml
 
-from vqadapt.config import RunConfig, field_owner, load_yaml
+from vqadapt.config import RunConfig, check_settings, load_yaml
 from vqadapt.errors import VQAConfigError
+from vqadapt.experiments import defaults_file, preset_file
+from vqadapt.folders import lock_holder
 from vqadapt.io import atomic_write_json, atomic_write_text
-
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
 
 
 @dataclass
@@ -49,22 +49,22 @@ class Preset:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def experiments_dir() -> Path:
-    """``experiments/`` of the checkout, or ``$VQADAPT_EXPERIMENTS``."""
-    return Path(os.environ.get("VQADAPT_EXPERIMENTS", EXPERIMENTS_DIR))
-
-
 def _preset_file(name_or_path: str) -> Path:
+    """A YAML file given by path, or a preset shipped with vqadapt by name."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise VQAConfigError(f"preset file not found: {path}")
         return path
-    path = experiments_dir() / "presets" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (experiments_dir() / "presets").glob("*.yaml"))
-        raise VQAConfigError(f"unknown preset {name_or_path!r}; known: {', '.join(known)}")
-    return path
+    return preset_file(name_or_path)
+
+
+def _mapping(values: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """``values[key]``: a mapping (absent or empty: ``{}``)."""
+    found = values.get(key) or {}
+    if not isinstance(found, dict):
+        raise VQAConfigError(f"{path}: {key} must be a mapping of settings (got {found!r})")
+    return dict(found)
 
 
 def _grid_experiments(grid: dict[str, list[Any]]) -> list[Experiment]:
@@ -80,38 +80,43 @@ def _grid_experiments(grid: dict[str, list[Any]]) -> list[Experiment]:
 
 
 def load_preset(name_or_path: str) -> Preset:
-    """Read a preset (following ``extends``) and check every override names a real setting."""
-    values = load_yaml(_preset_file(name_or_path))
+    """Read a preset (following ``extends``) and check every override: a real setting, of the
+    right type and range (a message names the preset, the experiment, the setting, the value)."""
+    path = _preset_file(name_or_path)
+    values = load_yaml(path)
     if "extends" in values:
-        parent = load_yaml(_preset_file(values["extends"]))
-        merged_base = {**parent.get("base", {}), **values.get("base", {})}
+        parent = load_yaml(_preset_file(str(values["extends"])))
+        merged_base = {**_mapping(parent, "base", path), **_mapping(values, "base", path)}
         values = {**parent, **values, "base": merged_base}
+    listed = values.get("experiments") or []
+    if values.get("add_experiments"):  # appended to the experiments the preset extends
+        listed = [*listed, *values["add_experiments"]]
+    if not isinstance(listed, list) or not all(isinstance(e, dict) and "name" in e for e in listed):
+        raise VQAConfigError(f"{path}: experiments must be a list of mappings, each with a name")
     experiments = [
-        Experiment(e["name"], e.get("description", ""), dict(e.get("overrides", {})))
-        for e in values.get("experiments", [])
+        Experiment(str(e["name"]), e.get("description", ""), _mapping(e, "overrides", path))
+        for e in listed
     ]
     if values.get("grid"):
-        experiments += _grid_experiments(values["grid"])
+        experiments += _grid_experiments(_mapping(values, "grid", path))
+    seeds = values.get("seeds", 1)
+    if type(seeds) is not int or seeds < 1:
+        raise VQAConfigError(f"{path}: seeds must be an integer >= 1 (got {seeds!r})")
     if not experiments:
         raise VQAConfigError(f"preset {name_or_path!r} defines no experiments")
-    defaults = load_yaml(experiments_dir() / "defaults.yaml")
-    owner = field_owner()
-    for where, mapping in [("defaults", defaults), ("base", values.get("base", {}))] + [
-        (e.name, e.overrides) for e in experiments
-    ]:
-        unknown = sorted(set(mapping) - set(owner))
-        if unknown:
-            raise VQAConfigError(
-                f"preset {name_or_path!r}, {where}: unknown settings {', '.join(unknown)}"
-            )
+    defaults, base = load_yaml(defaults_file()), _mapping(values, "base", path)
+    check_settings(defaults, defaults_file())
+    check_settings(base, f"{path}, base")
+    for experiment in experiments:
+        check_settings(experiment.overrides, f"{path}, experiment {experiment.name!r}")
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise VQAConfigError(f"preset {name_or_path!r}: experiment names repeat")
     return Preset(
         name=values.get("name", Path(name_or_path).stem),
         description=values.get("description", ""),
-        seeds=int(values.get("seeds", 1)),
-        base=values.get("base", {}),
+        seeds=seeds,
+        base=base,
         experiments=experiments,
         answer_weights=values.get("answer_weights"),
         defaults=defaults,
@@ -123,9 +128,7 @@ def cell_config(
 ) -> RunConfig:
     values = {**preset.defaults, **preset.base, **experiment.overrides, **extra}
     values.update(seed=seed, output_dir=str(cell))
-    config = RunConfig.from_dict(values)
-    config.validate()
-    return config
+    return RunConfig.from_dict(values)
 
 
 def read_status(cell: Path) -> str | None:
@@ -199,9 +202,12 @@ def expected_cost(config: RunConfig) -> float:
     run at once: every sample runs the decoder; text LoRA adds the text encoder's backward
     pass, vision LoRA the vision tower's too (in the quick study a vision + text LoRA cell takes
     about 4x the frozen baseline's time, a text LoRA cell about 2x)."""
-    adapt = config.adapt
-    per_sample = 1 + (adapt.unfreeze_encoder_layers > 0) + 2 * adapt.use_text_lora
-    per_sample += 4 * adapt.use_vision_lora
+    from vqadapt import menu
+
+    choices = menu.resolve(config.adapt)
+    text, vision = choices["text_encoder"], choices["vision"]
+    per_sample = 1 + (text.last_n > 0) + 2 * (text.lora or text.full)
+    per_sample += 4 * (not vision.frozen)
     samples = config.data.max_train_samples or 10**9
     return per_sample * config.train.epochs * samples
 
@@ -246,9 +252,22 @@ class _Running:
     started: float
 
 
+def reserve_cell(cell: Path) -> None:
+    """Make ``cell`` a run folder (the marker) before the runner writes its own files there;
+    a cell made before runs were marked (it holds the runner's ``cell.yaml``) is adopted."""
+    from vqadapt.run_dir import MARKER, RunDirectory, now
+
+    if (cell / "cell.yaml").is_file() and not (cell / MARKER).is_file():
+        atomic_write_json(cell / MARKER, {"vqadapt_run": 1, "created": now()})
+    RunDirectory.reserve(cell)
+
+
 def _start(job: Job, environment: dict[str, str]) -> _Running:
-    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``)."""
-    job.cell.mkdir(parents=True, exist_ok=True)
+    """Launch one cell's training process (``python -m vqadapt train --config cell.yaml``),
+    which dies with the runner (``lifeline``): a killed study leaves no cell training."""
+    from vqadapt.lifeline import PARENT_ENV
+
+    reserve_cell(job.cell)
     job.config.train.resume = job.resume
     job.config.save(job.cell / "cell.yaml")
     command = [sys.executable, "-m", "vqadapt", "train", "--config", str(job.cell / "cell.yaml")]
@@ -257,16 +276,21 @@ def _start(job: Job, environment: dict[str, str]) -> _Running:
         command,
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **environment},
+        env={**os.environ, **environment, PARENT_ENV: str(os.getpid())},
     )
     return _Running(job, process, log_file, time.perf_counter())
 
 
 def _finish(running: _Running, log) -> str:
     """A cell's final status, once its process has exited; a crash is recorded as failed."""
+    from vqadapt.errors import VQABusyError
+
     running.log_file.close()
     cell, code = running.job.cell, running.process.returncode
     status = read_status(cell)
+    if code == VQABusyError.exit_code:  # another process trains this cell: not ours to mark
+        log(f"{running.job.name}: in use by another process, left alone")
+        return status or "running"
     if code != 0 or status != "success":
         tail = (cell / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         reason = f"exit code {code}" + (" (killed: out of memory?)" if code in (-9, 137) else "")
@@ -330,6 +354,13 @@ def run_study(args) -> Path:
     if args.jobs < 1:
         raise VQAConfigError(f"--jobs must be >= 1, got {args.jobs}")
     out.mkdir(parents=True, exist_ok=True)
+    from vqadapt.folders import FolderLock
+
+    with FolderLock(out, "study"):  # one runner per study; released when it ends or dies
+        return _run_locked_study(args, preset, out, seeds, extra, log)
+
+
+def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Path:
     study = {
         "preset": preset.name,
         "description": preset.description,
@@ -344,7 +375,14 @@ def run_study(args) -> Path:
     }
     previous = out / "study.json"
     if previous.is_file():
-        old = json.loads(previous.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise VQAConfigError(
+                f"{previous} is damaged: restore it, or use another --out (nothing was changed)"
+            ) from None
         if old.get("experiments") != study["experiments"] or old.get("base") != study["base"]:
             raise VQAConfigError(
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
@@ -361,6 +399,13 @@ def run_study(args) -> Path:
         for experiment in preset.experiments:
             for seed in seeds:
                 cell = out / experiment.name / f"seed{seed}"
+                holder = lock_holder(cell)
+                if holder is not None:  # a cell of a killed runner that did not die with it
+                    log(
+                        f"{experiment.name} seed {seed}: still running in another process "
+                        f"({holder}), not started again"
+                    )
+                    continue
                 status = read_status(cell)
                 if status == "success":
                     log(f"{experiment.name} seed {seed}: done before, skipped")

@@ -30,6 +30,7 @@ from vqadapt.data.stream import (
 )
 from vqadapt.errors import VQADataError
 from vqadapt.shards import RowReader
+from vqadapt.speed import round_lengths
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
 
@@ -203,10 +204,11 @@ class ImageStore:
         if self.index is None or record.image is None:
             return -1
         path = self.index.resolve_strict(record.image)
-        if path not in self.slots:
-            self.slots[path] = len(self.paths)
+        key = path.resolve()  # one slot per file, however it is referenced (a symlink too)
+        if key not in self.slots:
+            self.slots[key] = len(self.paths)
             self.paths.append(path)
-        return self.slots[path]
+        return self.slots[key]
 
     def crops(self, slots: Sequence[int]) -> torch.Tensor:
         """(B, 3, crop, crop) uint8 of the images ``slots`` (each distinct one decoded once)."""
@@ -249,9 +251,11 @@ class Collator:
         preprocessing: ImagePreprocessing | None,
         features: FeatureSources,
         blind: bool,
+        length_multiple: int = 1,
         workers: int | None = None,
     ) -> None:
         self.split, self.encoded, self.pad_id, self.start_id = split, encoded, pad_id, start_id
+        self.length_multiple = length_multiple  # static shape buckets (vqadapt.speed)
         self.images, self.preprocessing, self.features, self.blind = (
             images,
             preprocessing,
@@ -274,9 +278,7 @@ class Collator:
         return {**self.__dict__, "_stream": None}  # a DataLoader does not pickle
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.host_batch(indices)
-        self._add_resident_rows(batch, indices)
-        return batch
+        return self._complete(self.host_batch(indices), indices)
 
     def loader(
         self, batches: Sequence[list[int]], *, device: torch.device | None = None
@@ -299,8 +301,7 @@ class Collator:
             self._stream_pinned = pinned
         self._sampler.batches = [list(indices) for indices in batches]
         for indices, batch in zip(self._sampler.batches, self._stream, strict=True):
-            self._add_resident_rows(batch, indices)
-            yield batch
+            yield self._complete(batch, indices)
 
     def host_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Everything of the batch that is prepared on the host (all but device-held rows)."""
@@ -340,6 +341,12 @@ class Collator:
         if self.features.vision_features is not None:
             return self.features.vision_features, "vision_features"
         return self.features.vision_embeddings, "vision_embeddings"
+
+    def _complete(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict:
+        """The host part plus the rows of device-held caches, lengths rounded up to the speed
+        paths' multiple (static shape buckets, ``vqadapt.speed``)."""
+        self._add_resident_rows(batch, indices)
+        return round_lengths(batch, self.length_multiple, self.pad_id)
 
     def _add_resident_rows(self, batch: dict[str, torch.Tensor], indices: list[int]) -> None:
         prefix = self.features.text_prefix.get(self.split)

@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import random
+import re
+import unicodedata
 from collections.abc import Sequence
 
 from vqadapt.data.records import VQARecord
 from vqadapt.errors import VQAConfigError, VQADataError
 
+IMAGE_ID = re.compile(r"(?:coco_(?:train|val)2014_)?0*(\d+)(?:\.(?:jpg|jpeg|png))?")
 
-def _group_key(record: VQARecord) -> str:
-    return f"image:{record.image}" if record.image is not None else f"record:{record.id}"
+
+def same_image_key(ref: str) -> str:
+    """One key for every way a file's references can be spelt (``7``, ``7.png``,
+    ``./sub/7.png``, ``COCO_train2014_000000000007.jpg``, NFD, backslashes, case): its
+    normalised base name, or its number. Two files of one name in different folders share a
+    key too: grouping them costs a little balance, never a leak."""
+    name = unicodedata.normalize("NFC", ref.strip().replace("\\", "/")).rsplit("/", 1)[-1]
+    name = name.lower()
+    match = IMAGE_ID.fullmatch(name)
+    return f"id:{int(match[1])}" if match else f"name:{name}"
+
+
+def _group_keys(records: Sequence[VQARecord]) -> list[str]:
+    """Each record's group: its image's (however spelt; named by the first spelling in sorted
+    order, so that data spelt one way splits as it always did) or its own."""
+    names: dict[str, str] = {}
+    for record in records:
+        if record.image is not None:
+            key = same_image_key(record.image)
+            name = f"image:{record.image}"
+            names[key] = min(names.get(key, name), name)
+    return [
+        names[same_image_key(r.image)] if r.image is not None else f"record:{r.id}" for r in records
+    ]
 
 
 def split_by_image(
     records: Sequence[VQARecord], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[VQARecord], list[VQARecord]]:
-    """Split into (train, val) with every image on one side only.
+    """Split into (train, val) with every image on one side only, however its references
+    are spelt (``same_image_key``).
 
     Images (records without one form a group of their own) are shuffled by ``seed`` and
     moved to val until val holds about ``val_fraction`` of the records, stopping at the
@@ -25,9 +51,9 @@ def split_by_image(
     """
     if not 0.0 < val_fraction < 1.0:
         raise VQAConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    groups = _group_keys(records)
     sizes: dict[str, int] = {}
-    for record in records:
-        key = _group_key(record)
+    for key in groups:
         sizes[key] = sizes.get(key, 0) + 1
     if len(sizes) < 2:
         raise VQADataError(
@@ -44,6 +70,6 @@ def split_by_image(
             break
         val_keys.add(key)
         val_count += sizes[key]
-    train = [r for r in records if _group_key(r) not in val_keys]
-    val = [r for r in records if _group_key(r) in val_keys]
+    train = [r for r, key in zip(records, groups, strict=True) if key not in val_keys]
+    val = [r for r, key in zip(records, groups, strict=True) if key in val_keys]
     return train, val

@@ -141,24 +141,26 @@ def explain_answer(
         raise VQADataError("upload an image or pick an example first")
     else:
         check_upload(image, limits)
-    batch = question_batch(run, question, image)
-    out = model.generate(
-        batch,
-        max_new_tokens=run.config.data.max_answer_tokens,
-        num_beams=num_beams,
-        num_return_sequences=num_beams,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    batch = question_batch(run, question, image)  # on the run's device
+    with run.runtime.autocast():
+        out = model.generate(
+            batch,
+            max_new_tokens=run.config.data.max_answer_tokens,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     sequences = out.sequences  # (beams, 1 + generated): decoder start token first
     # Per-token log-probabilities as the search saw them (after its logits processors, e.g. a
     # forced end token at the length limit); greedy search returns raw logits, beam search
     # log-probabilities already.
     token_log_probs = model.text.compute_transition_scores(
         sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
-    )
+    ).float()
+    sequences = sequences.cpu()
     produced = sequences[:, 1:] != tokenizer.pad_token_id  # beams that ended early are padded
-    log_probs = (token_log_probs * produced).sum(dim=1)
+    log_probs = (token_log_probs.cpu() * produced).sum(dim=1)
     lengths = produced.sum(dim=1)
     length_penalty = getattr(model.text.generation_config, "length_penalty", None) or 1.0
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
@@ -174,7 +176,7 @@ def explain_answer(
     attention = seen = None
     if not blind:
         attention = _decoder_attention(run, batch, sequences[0][: 1 + int(lengths[0])])
-        seen = _model_view(batch["pixel_values"][0], run.preprocessing)
+        seen = _model_view(batch["pixel_values"][0].float().cpu(), run.preprocessing)
     return DemoAnswer(question, beams[0].answer, beams, attention, seen)
 
 
@@ -184,16 +186,19 @@ def _decoder_attention(
     """Teacher-force ``sequence`` (start token, answer, end token) and average the decoder's
     cross-attention over layers, heads and the positions that produce the answer's words."""
     model, tokenizer = run.model, run.tokenizer
-    states, mask = model.encode(batch)
-    with eager_attention(model.text):
-        out = model.text(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states),
-            attention_mask=mask,
-            decoder_input_ids=sequence[None, :-1],
-            output_attentions=True,
-            use_cache=False,
-        )
-    weights = torch.cat(out.cross_attentions).float()  # (layers, heads, target, source)
+    with run.runtime.autocast():
+        states, mask = model.encode(batch)
+        with eager_attention(model.text):
+            out = model.text(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                attention_mask=mask,
+                decoder_input_ids=sequence[None, :-1].to(states.device),
+                output_attentions=True,
+                use_cache=False,
+            )
+    # (layers, heads, target, source), read on the host
+    weights = torch.cat(out.cross_attentions).float().cpu()
+    mask = mask.cpu()
     targets = sequence[1:]
     words = ~torch.isin(targets, torch.tensor(sorted(tokenizer.all_special_ids)))
     rows = words if bool(words.any()) else torch.ones_like(words)  # an empty answer: all

@@ -198,10 +198,13 @@ def serve(
     num_beams: int = 3,
     limits: UploadLimits | None = None,
     block: bool = True,
+    device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Any:
-    """Load a run and serve its demo page (blocks until Ctrl+C unless ``block`` is False)."""
+    """Load a run onto ``device`` and serve its demo page (blocks until Ctrl+C unless
+    ``block`` is False). ``trust_remote_code``: from the command line only (see load_run)."""
     import_gradio()  # fail before the model loads when the extra is missing
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device, trust_remote_code=trust_remote_code)
     chosen = demo_examples(run, examples)
     page = build_page(run, chosen, limits, num_beams)
     folders = sorted({example.image.parent for example in chosen})

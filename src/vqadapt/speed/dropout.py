@@ -12,8 +12,9 @@ within 2^-17, and kept elements are scaled by ``1 / (1 - p)`` as in
 Each call seeds its generator with a number drawn from torch's default generator, so runs stay
 deterministic under ``torch.manual_seed`` and resume exactly from a saved torch RNG state.
 Tensors on other devices (CUDA's dropout is fast) take ``torch.nn.functional.dropout``.
-Used where vqadapt owns the call: the packed text encoder, the teacher-forced decoder, the
-projector and the LoRA dropouts of both towers (``use_fast_dropout``).
+Installed by ``vqadapt.speed`` where the CPU profile asks for it: the packed text encoder and
+the lean decoder call ``dropout``, and ``use_fast_dropout`` swaps the projector's and the LoRA
+dropout modules for ``Dropout``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Off: every call takes torch's dropout (for comparisons).
-ENABLED = True
 LEVELS = 1 << 16
 
 
@@ -44,7 +43,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``torch.nn.functional.dropout(x, p, training)``, with the fast mask on CPU."""
     if not training or p == 0:
         return x
-    if not ENABLED or x.device.type != "cpu" or not 0 < p < 1:
+    if x.device.type != "cpu" or not 0 < p < 1:
         return F.dropout(x, p, training)
     return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
 
@@ -56,12 +55,16 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def use_fast_dropout(module: nn.Module) -> int:
-    """Swap every plain ``nn.Dropout`` under ``module`` for ``Dropout``; returns how many."""
+def use_fast_dropout(module: nn.Module, fast: bool = True) -> int:
+    """Swap every plain ``nn.Dropout`` under ``module`` for ``Dropout`` (or, with ``fast``
+    False, every ``Dropout`` back); returns how many were swapped."""
+    old, new = (nn.Dropout, Dropout) if fast else (Dropout, nn.Dropout)
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, Dropout(child.p, child.inplace))
+            if type(child) is old:
+                replacement = new(child.p, child.inplace)
+                replacement.train(child.training)  # keep the module's mode
+                setattr(parent, name, replacement)
                 swapped += 1
     return swapped

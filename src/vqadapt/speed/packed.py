@@ -12,13 +12,15 @@ zeros: nothing reads them (the decoder's cross-attention masks them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqadapt.dropout import dropout
+Dropout = Callable[..., torch.Tensor]  # (x, p, training) -> x, as F.dropout
 
 # The attention grid's length is rounded up to a multiple of this (extra keys masked): CPU
 # softmax and attention kernels take a slow path on rows whose length is not a multiple of the
@@ -79,7 +81,9 @@ def _vanilla_lora(module: nn.Module) -> str | None:
     return name if plain else None
 
 
-def query_key_value(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def query_key_value(
+    attention: nn.Module, hidden: torch.Tensor, dropout: Dropout = F.dropout
+) -> torch.Tensor:
     """``q_proj``, ``k_proj`` and ``v_proj`` of ``hidden``, side by side (N, 3d), in as few
     kernels as possible.
 
@@ -121,11 +125,13 @@ def _dropout_rate(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
-def self_attention(attention: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+def self_attention(
+    attention: nn.Module, hidden: torch.Tensor, packing: Packing, dropout: Dropout = F.dropout
+) -> torch.Tensor:
     """A BART-layout ``*Attention`` module on packed states (N, d) -> (N, d)."""
     heads, head_dim = attention.num_heads, attention.head_dim
     rows, length = packing.batch * packing.grid_length, packing.grid_length
-    fused = query_key_value(attention, hidden)  # (N, 3d), scattered to the grid at once
+    fused = query_key_value(attention, hidden, dropout)  # (N, 3d), scattered to the grid at once
     grid = fused.new_zeros(rows, fused.shape[-1]).index_copy(0, packing.grid_index, fused)
     grid = grid.view(packing.batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     query, key, value = grid.unbind(0)
@@ -141,11 +147,27 @@ def self_attention(attention: nn.Module, hidden: torch.Tensor, packing: Packing)
     return attention.out_proj(mixed)
 
 
-def encoder_layer(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+def run_layer(function: Callable[..., Any], layer: nn.Module, *args: Any) -> Any:
+    """``function(layer, *args)``, recomputed in the backward pass when ``layer`` asks for
+    gradient checkpointing (the switch transformers' layers carry, which
+    ``VQAModel.set_gradient_checkpointing`` sets), as the library's own call of the layer would
+    be: the speed paths run a layer's modules themselves, not its ``forward``."""
+    if (
+        getattr(layer, "gradient_checkpointing", False)
+        and layer.training
+        and torch.is_grad_enabled()
+    ):
+        return layer._gradient_checkpointing_func(function, layer, *args)
+    return function(layer, *args)
+
+
+def encoder_layer(
+    layer: nn.Module, hidden: torch.Tensor, packing: Packing, dropout: Dropout = F.dropout
+) -> torch.Tensor:
     """``MBartEncoderLayer.forward`` (pre-norm; BART's post-norm layer is not packed) on packed
     states (N, d)."""
     residual = hidden
-    hidden = self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden), packing)
+    hidden = self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden), packing, dropout)
     hidden = residual + dropout(hidden, p=layer.dropout, training=layer.training)
     residual = hidden
     hidden = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
@@ -156,3 +178,32 @@ def encoder_layer(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> t
         limit = torch.finfo(hidden.dtype).max - 1000
         hidden = hidden.clamp(min=-limit, max=limit)
     return hidden
+
+
+class PackedEncoder:
+    """Runs pre-norm (MBart-layout) encoder layers on the real tokens of a padded batch.
+
+    Installed by ``vqadapt.speed`` in place of the family's library runner; takes and returns
+    padded (B, L, d) states like it, with zeros at padded positions.
+    """
+
+    def __init__(self, family, dropout: Dropout = F.dropout) -> None:
+        self.family = family
+        self.dropout = dropout
+
+    def run(
+        self,
+        text: nn.Module,
+        layers: list[nn.Module],
+        first: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        final_norm: bool,
+    ) -> torch.Tensor:
+        packing = Packing.of(attention_mask)
+        hidden = packing.gather(hidden)
+        for layer in layers:
+            hidden = run_layer(encoder_layer, layer, hidden, packing, self.dropout)
+        if final_norm:
+            hidden = self.family.final_norm(text, hidden)
+        return packing.scatter(hidden)

@@ -17,17 +17,9 @@ validation loss); generation keeps the library's path, whose key / value cache i
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-# Off: every call takes the library's path (for comparisons: tests, bench).
-ENABLED = True
-
-# Decoder layer attribute holding the cross-attention, per model family with the BART layout.
-CROSS_ATTENTION = {"mbart": "encoder_attn", "bart": "encoder_attn"}
 
 
 def absorbed_cost(heads: int, queries: int, keys: int, d_model: int, head_dim: int) -> int:
@@ -85,44 +77,60 @@ def _absorbed_forward(
     return module.out_proj(out), probs
 
 
-def _forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kw):
-    usable = (
-        ENABLED
-        and key_value_states is not None
-        and cache is None
-        and kw.get("past_key_values") is None
-        and type(self.k_proj) is nn.Linear  # a LoRA-wrapped projection keeps the library path
-        and type(self.v_proj) is nn.Linear
-    )
-    if usable:
-        queries, keys = hidden_states.shape[1], key_value_states.shape[1]
-        d_model = hidden_states.shape[-1]
-        cheaper = absorbed_cost(
-            self.num_heads, queries, keys, d_model, self.head_dim
-        ) < projected_cost(queries, keys, d_model)
-        if cheaper:
-            return _absorbed_forward(self, hidden_states, key_value_states, attention_mask)
-    return self._library_forward(
-        hidden_states,
-        key_value_states=key_value_states,
-        cache=cache,
-        attention_mask=attention_mask,
-        **kw,
-    )
+class AbsorbedCrossAttention:
+    """Mixed into a library cross-attention class (``install``): teacher-forced calls take the
+    absorbed path where it is cheaper; every other call (generation with its key / value cache,
+    LoRA-wrapped key or value projections) the library's ``forward``."""
+
+    def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kw):
+        usable = (
+            key_value_states is not None
+            and cache is None
+            and kw.get("past_key_values") is None
+            and type(self.k_proj) is nn.Linear  # a LoRA-wrapped projection keeps the library path
+            and type(self.v_proj) is nn.Linear
+        )
+        if usable:
+            queries, keys = hidden_states.shape[1], key_value_states.shape[1]
+            d_model = hidden_states.shape[-1]
+            cheaper = absorbed_cost(
+                self.num_heads, queries, keys, d_model, self.head_dim
+            ) < projected_cost(queries, keys, d_model)
+            if cheaper:
+                return _absorbed_forward(self, hidden_states, key_value_states, attention_mask)
+        return super().forward(
+            hidden_states,
+            key_value_states=key_value_states,
+            cache=cache,
+            attention_mask=attention_mask,
+            **kw,
+        )
 
 
-def install(text_model: nn.Module) -> int:
-    """Give every decoder cross-attention of a BART-layout model the absorbed path; returns how
-    many modules got it (0 for other families, e.g. T5, which keep the library's attention)."""
-    attribute = CROSS_ATTENTION.get(text_model.config.model_type)
-    if attribute is None:
-        return 0
-    installed = 0
+_ABSORBED_CLASSES: dict[type, type] = {}
+
+
+def _absorbed_class(library_class: type) -> type:
+    """``AbsorbedCrossAttention`` over ``library_class`` (one subclass per library class)."""
+    if library_class not in _ABSORBED_CLASSES:
+        name = f"Absorbed{library_class.__name__}"
+        _ABSORBED_CLASSES[library_class] = type(name, (AbsorbedCrossAttention, library_class), {})
+    return _ABSORBED_CLASSES[library_class]
+
+
+def install(text_model: nn.Module, attribute: str, enabled: bool = True) -> int:
+    """Give every decoder cross-attention (``layer.<attribute>``) the absorbed path, or with
+    ``enabled`` False take it away; returns how many modules changed. The module keeps its
+    parameters and names: only its class becomes the subclass (or the library class again)."""
+    changed = 0
     for layer in text_model.get_decoder().layers:
         module = getattr(layer, attribute)
-        if hasattr(module, "_library_forward"):
+        absorbed = isinstance(module, AbsorbedCrossAttention)
+        if enabled and not absorbed:
+            module.__class__ = _absorbed_class(type(module))
+        elif not enabled and absorbed:
+            module.__class__ = type(module).__mro__[2]  # (subclass, mixin, library class)
+        else:
             continue
-        module._library_forward = module.forward
-        module.forward = types.MethodType(_forward, module)
-        installed += 1
-    return installed
+        changed += 1
+    return changed
