@@ -11,7 +11,7 @@ with and without ``--gradient_checkpointing`` in every tower:
   less the gradients it creates (the activations' peak);
 - on a CPU, the bytes of the tensors autograd saves in the forward pass (no recompute peak);
 
-next to ``adapt.activation_bytes`` for the same shapes (what ``vqadapt plan`` reports). It
+next to ``memory.activation_bytes`` for the same shapes (what ``vqadapt plan`` reports). It
 measures; it asserts nothing (``tests/test_menu.py`` checks the estimate on the tiny models).
 """
 
@@ -38,8 +38,9 @@ STRATEGIES = {
 def build(shapes: dict, flags: list[str], checkpointed: bool, device: torch.device):
     from transformers import Dinov2Config, Dinov2Model, MBartConfig, MBartForConditionalGeneration
 
-    from vqadapt.adapt import ActivationShapes, activation_bytes, apply_adaptation
+    from vqadapt.adapt import apply_adaptation
     from vqadapt.config import parse_run_config
+    from vqadapt.memory import ActivationShapes, activation_bytes
     from vqadapt.model import VQAModel
 
     torch.manual_seed(0)

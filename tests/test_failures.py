@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vqadapt import cli
+from vqadapt import cli, cli_parser
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
 from vqadapt.train import train
@@ -104,7 +104,7 @@ ACCEPTED = {  # the values in range; every other (flag, value) is refused
 }
 NUMERIC_ROWS = [
     (command, dest, kind)
-    for command, flags in cli.NUMERIC_FLAGS.items()
+    for command, flags in cli_parser.NUMERIC_FLAGS.items()
     for dest in flags
     for kind in VALUES
 ]
@@ -146,7 +146,9 @@ def test_every_numeric_flag_has_a_range() -> None:
                 found.add((prefix, action.dest))
 
     walk(parser, "")
-    listed = {(command, dest) for command, flags in cli.NUMERIC_FLAGS.items() for dest in flags}
+    listed = {
+        (command, dest) for command, flags in cli_parser.NUMERIC_FLAGS.items() for dest in flags
+    }
     assert found == listed
     floats = {key for key in found if key in FLOAT_FLAGS}
     assert floats == FLOAT_FLAGS

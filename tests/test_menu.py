@@ -20,17 +20,12 @@ import yaml
 
 from vqadapt import cli, menu
 from vqadapt.ablation.runner import expected_cost, load_preset
-from vqadapt.adapt import (
-    ActivationShapes,
-    activation_bytes,
-    apply_adaptation,
-    format_plan,
-    lora_parameter_count,
-)
+from vqadapt.adapt import apply_adaptation, format_plan, lora_parameter_count
 from vqadapt.checkpoint import TRAINED_FILE, load_checkpoint, save_checkpoint
 from vqadapt.config import AdaptConfig, RunConfig, parse_run_config
 from vqadapt.errors import VQAConfigError
 from vqadapt.loop import make_optimizer
+from vqadapt.memory import ActivationShapes, activation_bytes
 from vqadapt.speed.packed import _vanilla_lora
 
 # -- arithmetic on the tiny configs (conftest: TINY_MBART, TINY_DINO) ----------------------

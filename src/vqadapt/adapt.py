@@ -29,14 +29,23 @@ from typing import Any
 from torch import nn
 
 from vqadapt import menu
-from vqadapt.backbones import TowerLayout, resolve_targets
+from vqadapt.backbones import resolve_targets
 from vqadapt.config import AdaptConfig
 from vqadapt.errors import VQAConfigError
+from vqadapt.memory import BYTES_PER_FP32, ActivationShapes, estimate_memory, format_memory
 from vqadapt.menu import TOWERS, LoraSpec, TowerChoice
 from vqadapt.model import VQAModel
+from vqadapt.towers import (
+    TrainingMap,
+    before_layer_params,
+    is_before_layers,
+    layer_of,
+    lora_modules,
+    parameter_towers,
+    tower_exists,
+    tower_layout,
+)
 
-BYTES_PER_FP32 = 4
-MIB = 2**20
 # Where each tower's LoRA adapter lives: (folder under a checkpoint's or export's adapters/,
 # attribute of VQAModel it is injected into, peft adapter name). The text encoder and decoder
 # share the text model, so the decoder's adapter has a name of its own; keys are relative to
@@ -91,81 +100,6 @@ class AdaptationPlan:
         return out
 
 
-# -- where things are -----------------------------------------------------------------------
-def parameter_towers(model: VQAModel) -> dict[str, str]:
-    """Tower of every parameter, by tensor identity for the text encoder.
-
-    Identity matters: the encoder's input embedding is also reachable as ``text.model.shared``
-    (the name PyTorch reports for it), which a name prefix would file under the decoder.
-    """
-    encoder_ids = {id(p) for p in model.text_encoder.parameters()}
-    towers = {}
-    for name, param in model.named_parameters():
-        if name.startswith("vision."):
-            towers[name] = "vision"
-        elif name.startswith("projector."):
-            towers[name] = "projector"
-        elif id(param) in encoder_ids:
-            towers[name] = "text_encoder"
-        else:
-            towers[name] = "text_decoder"
-    return towers
-
-
-def _layer_prefixes(model: VQAModel) -> list[tuple[str, str]]:
-    prefixes = [
-        ("text_encoder", f"text.{model.text_layout.layers_path}."),
-        ("text_decoder", f"text.{model.text_family.decoder_layers_path}."),
-    ]
-    if model.vision_layout is not None:
-        prefixes.append(("vision", f"vision.{model.vision_layout.layers_path}."))
-    return prefixes
-
-
-def layer_of(model: VQAModel, name: str) -> tuple[str, int] | None:
-    """(tower, 1-based layer index) for parameters inside a layer of a layer stack."""
-    for tower, prefix in _layer_prefixes(model):
-        if name.startswith(prefix):
-            return tower, int(name[len(prefix) :].split(".", 1)[0]) + 1
-    return None
-
-
-def _before_layers(model: VQAModel) -> dict[str, Any]:
-    """What runs before each tower's layers (its embeddings): frozen unless ``full``."""
-    head = model.text.get_output_embeddings()
-    return {
-        "text_encoder": {id(model.text_encoder.get_input_embeddings().weight)},
-        "text_decoder": {
-            id(model.text.get_decoder().get_input_embeddings().weight),
-            *([id(head.weight)] if head is not None else []),
-        },
-        "vision": tuple(f"vision.{path}." for path in model.vision_family.before_layers)
-        if model.vision_family is not None
-        else (),
-    }
-
-
-def _is_before_layers(tower: str, name: str, param: nn.Parameter, before: dict) -> bool:
-    if tower == "vision":
-        return name.startswith(before["vision"])
-    if tower in ("text_encoder", "text_decoder"):
-        return id(param) in before[tower] or "embed" in name
-    return False
-
-
-def _layout(model: VQAModel, tower: str) -> TowerLayout | None:
-    return {
-        "vision": model.vision_layout,
-        "text_encoder": model.text_layout,
-        "text_decoder": model.decoder_layout,
-        "projector": None,
-    }[tower]
-
-
-def _tower_exists(model: VQAModel, tower: str) -> bool:
-    return tower not in ("vision", "projector") or model.vision is not None
-
-
 # -- LoRA -----------------------------------------------------------------------------------
 def lora_config(spec: LoraSpec, targets: tuple[str, ...], layers_path: str | None):
     """A peft ``LoraConfig`` for ``spec`` on ``targets`` of the layers ``spec.layers`` (a
@@ -194,7 +128,7 @@ def lora_config(spec: LoraSpec, targets: tuple[str, ...], layers_path: str | Non
 def _lora_targets(model: VQAModel, tower: str, spec: LoraSpec) -> tuple[str, ...]:
     layers = model.tower_layers(tower)
     sample = layers[0] if layers is not None else model.projector
-    return resolve_targets(spec.targets, _layout(model, tower), sample)
+    return resolve_targets(spec.targets, tower_layout(model, tower), sample)
 
 
 def inject_lora(model: VQAModel, tower: str, spec: LoraSpec) -> None:
@@ -205,7 +139,7 @@ def inject_lora(model: VQAModel, tower: str, spec: LoraSpec) -> None:
 
     _, attribute, adapter = ADAPTER_SITES[tower]
     root = getattr(model, attribute)
-    layout = _layout(model, tower)
+    layout = tower_layout(model, tower)
     config = lora_config(spec, _lora_targets(model, tower, spec), layout and layout.layers_path)
     with warnings.catch_warnings():
         # a second adapter in the text model (encoder and decoder) is intended
@@ -224,7 +158,7 @@ def check_choices(model: VQAModel, adapt: AdaptConfig, choices: dict[str, TowerC
     depth, LoRA targets that name linear layers."""
     for tower, choice in choices.items():
         flag = f"--{menu.TOWER_FLAGS[tower]} {choice}"
-        if not _tower_exists(model, tower):
+        if not tower_exists(model, tower):
             if tower == "projector" and choice.full:
                 continue
             if not choice.frozen:
@@ -301,7 +235,7 @@ def apply_adaptation(
         inject_lora(model, tower, spec)
 
     towers = parameter_towers(model)
-    before = _before_layers(model)
+    before = before_layer_params(model)
     depth = {tower: len(model.tower_layers(tower) or ()) for tower in TOWERS}
     unused = ()
     if model.vision_family is not None:
@@ -316,7 +250,7 @@ def apply_adaptation(
             train = True
         elif where is not None:
             train = where[1] > depth[tower] - choice.last_n
-        elif _is_before_layers(tower, name, param, before):
+        elif is_before_layers(tower, name, param, before):
             train = False
         else:  # what runs after the layers (a final norm) trains with the last layers
             train = choice.last_n > 0
@@ -350,39 +284,6 @@ def rewritten_weights(model: VQAModel) -> list[str]:
     return names
 
 
-@dataclass
-class TrainingMap:
-    """Where something trains: per tower, per (tower, 1-based layer), and before the layers."""
-
-    towers: dict[str, bool]
-    layers: dict[tuple[str, int], bool]
-    before_layers: dict[str, bool]
-
-    @classmethod
-    def of(cls, model: VQAModel) -> TrainingMap:
-        towers_of = parameter_towers(model)
-        before = _before_layers(model)
-        out = cls({t: False for t in TOWERS}, {}, {t: False for t in TOWERS})
-        for name, param in model.named_parameters():
-            tower, trains = towers_of[name], param.requires_grad
-            out.towers[tower] |= trains
-            where = layer_of(model, name)
-            if where is not None:
-                out.layers[where] = out.layers.get(where, False) or trains
-            elif _is_before_layers(tower, name, param, before):
-                out.before_layers[tower] |= trains
-        return out
-
-    def first_trained_layer(self, tower: str, depth: int) -> int | None:
-        """The first layer (1-based) the backward pass goes through in a tower trained on its
-        own: 1 when its embeddings train, else its first layer with anything trainable."""
-        if not self.towers[tower]:
-            return None
-        if self.before_layers[tower]:
-            return 1
-        return next((i for i in range(1, depth + 1) if self.layers.get((tower, i))), None)
-
-
 def _set_model_flags(model: VQAModel) -> None:
     """What the caches and ``VQAModel.train`` need to know: the leading text-encoder layers
     and vision parts with nothing trainable, and every other module that has none."""
@@ -407,16 +308,6 @@ def _set_model_flags(model: VQAModel) -> None:
 
 
 # -- counting -------------------------------------------------------------------------------
-def lora_modules(model: VQAModel) -> dict[str, list[str]]:
-    """The LoRA-wrapped modules of each tower, by name."""
-    out: dict[str, list[str]] = {tower: [] for tower in TOWERS}
-    towers = parameter_towers(model)
-    for name in towers:
-        if ".lora_" in name:
-            module = name.split(".lora_", 1)[0]
-            if module not in out[towers[name]]:
-                out[towers[name]].append(module)
-    return out
 
 
 def count_plan(
@@ -494,210 +385,6 @@ def coverage_text(adapted: list[int], total_layers: int, lora: bool) -> str:
     return f"layers {span} only ({share:.0f}% of encoder){how}"
 
 
-# -- memory ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ActivationShapes:
-    """The sizes the activation estimate assumes: ``batch`` questions of ``question_tokens``
-    tokens (the truncation limit: an upper bound), answers of ``answer_tokens`` decoder
-    positions, ``image_tokens`` vision tokens per image, activations in ``precision``."""
-
-    batch: int = 32
-    question_tokens: int = 48
-    answer_tokens: int = 16
-    image_tokens: int = 0
-    precision: str = "no"  # "no" (fp32), "bf16" or "fp16"
-
-    @property
-    def bytes_per_value(self) -> int:
-        return BYTES_PER_FP32 if self.precision == "no" else 2
-
-    @classmethod
-    def for_model(
-        cls,
-        model: VQAModel,
-        batch: int = 32,
-        question_tokens: int = 48,
-        answer_tokens: int = 16,
-        image_size: int | None = None,
-        precision: str = "no",
-    ) -> ActivationShapes:
-        """Shapes for ``model``: its vision tokens from ``image_size`` (the preprocessing's
-        crop; default the vision config's) and its patch size (CLS and registers included)."""
-        tokens = 0
-        if model.vision is not None:
-            config = model.vision.config
-            size = image_size or config.image_size
-            tokens = (size // config.patch_size) ** 2 + 1
-            tokens += getattr(config, "num_register_tokens", 0) or 0
-        return cls(batch, question_tokens, answer_tokens, tokens, precision)
-
-
-_KEY_SIDE = re.compile(r".*(encoder_attn|EncDecAttention)\.(k_proj|v_proj|k|v)$")
-
-
-def _heads(config, tower: str) -> int:
-    names = {
-        "vision": ("num_attention_heads",),
-        "text_encoder": ("encoder_attention_heads", "num_heads"),
-        "text_decoder": ("decoder_attention_heads", "num_heads"),
-    }[tower]
-    return next(getattr(config, n) for n in names if getattr(config, n, None))
-
-
-def _layer_values(
-    layer: nn.Module, tower: str, heads: int, d: int, queries: int, keys: int
-) -> tuple[int, int]:
-    """(values autograd keeps for one layer, values it keeps when the layer is checkpointed:
-    its input), per sample. Per query token: norm inputs and residuals (4 d), the attention's
-    q, k, v, output and projection input (4-6 a), the feed-forward's hidden before and after
-    its activation (2 f), the attention probabilities (heads x keys); a decoder layer adds
-    cross-attention (its keys and values per key token). LoRA adds the dropped-out input and
-    the rank-r product of every adapted module."""
-    linears = {
-        n.removesuffix(".base_layer"): m
-        for n, m in layer.named_modules()
-        if isinstance(m, nn.Linear) and ".lora_" not in n
-    }
-    width = max(m.out_features for m in linears.values())  # the feed-forward's hidden size
-    attention = next(
-        m.out_features for n, m in linears.items() if n.rsplit(".", 1)[-1] in ("q_proj", "q")
-    )
-    if tower == "text_decoder":
-        values = queries * (6 * d + 6 * attention + 2 * width) + 2 * attention * keys
-        values += heads * queries * (queries + keys)
-    else:
-        values = queries * (4 * d + 4 * attention + 2 * width) + heads * queries * queries
-    for name, module in layer.named_modules():
-        if not hasattr(module, "lora_A"):
-            continue
-        tokens = keys if tower == "text_decoder" and _KEY_SIDE.match(name) else queries
-        for adapter, down in module.lora_A.items():
-            dropped = isinstance(module.lora_dropout[adapter], nn.Dropout)
-            values += tokens * ((down.in_features if dropped else 0) + down.out_features)
-    return values, queries * d
-
-
-@dataclass(frozen=True)
-class ActivationBytes:
-    """One tower's activation estimate for a batch, in bytes: what autograd keeps without
-    gradient checkpointing, what it keeps with it (each layer's input), and what one layer
-    holds again while the backward pass recomputes it (the largest layer)."""
-
-    plain: float
-    checkpointed: float
-    recompute: float
-
-
-def activation_bytes(model: VQAModel, shapes: ActivationShapes) -> dict[str, ActivationBytes]:
-    """The activations autograd keeps for one batch of ``shapes``, per tower (an estimate).
-
-    Kept for every layer the backward pass goes through: in an encoder from its first layer
-    with anything trainable (all of them when its embeddings train) to the last; in the
-    decoder every layer when anything upstream trains (each layer's cross-attention reads the
-    encoder states), else from its first trainable layer; the projector's when it or the
-    vision tower trains; the LM head's logits always (in fp32, for the loss). The per-layer
-    counts are ``_layer_values``'s (padding to the speed paths' key and grid multiples not
-    counted); ``tests/test_menu.py`` measures them against the tensors autograd saves on the
-    tiny models (within 0.6-1.5x), ``bench/checkpointing_memory.py`` on a GPU at real shapes.
-    """
-    b, per_value = shapes.batch, shapes.bytes_per_value
-    training = TrainingMap.of(model)
-    trains = training.towers
-    first = {
-        tower: training.first_trained_layer(tower, len(model.tower_layers(tower) or ()))
-        for tower in ("vision", "text_encoder", "text_decoder")
-    }
-    if trains["vision"] or trains["projector"] or trains["text_encoder"]:
-        first["text_decoder"] = 1
-    text = model.text.config
-    d = text.d_model
-    sizes = {
-        "vision": (shapes.image_tokens, shapes.image_tokens),
-        "text_encoder": (shapes.question_tokens, shapes.question_tokens),
-        "text_decoder": (shapes.answer_tokens, shapes.question_tokens + shapes.image_tokens),
-    }
-    out = {}
-    for tower in ("vision", "text_encoder", "text_decoder"):
-        layers = model.tower_layers(tower)
-        start = first[tower]
-        if layers is None or start is None:
-            out[tower] = ActivationBytes(0.0, 0.0, 0.0)
-            continue
-        config = model.vision.config if tower == "vision" else text
-        width = config.hidden_size if tower == "vision" else d
-        queries, keys = sizes[tower]
-        heads = _heads(config, tower)
-        # A layer with nothing trainable runs in eval mode, and checkpointing (transformers'
-        # rule, which the speed paths follow) recomputes layers in training mode only.
-        frozen = {id(module) for module in model.frozen_modules}
-        whole_tower_frozen = tower == "text_decoder" and id(model.text.get_decoder()) in frozen
-        costs, recomputed = [], []
-        for layer in list(layers)[start - 1 :]:
-            full, inputs = _layer_values(layer, tower, heads, width, queries, keys)
-            in_training = not whole_tower_frozen and id(layer) not in frozen
-            costs.append((full, inputs if in_training else full))
-            recomputed.append(full if in_training else 0)
-        # around the layers: the embeddings' and the final norm's outputs; a checkpointed
-        # decoder also keeps the encoder states its layers read (one tensor for all of them)
-        around = 2 * queries * width
-        states = keys * width if tower == "text_decoder" else 0
-        out[tower] = ActivationBytes(
-            b * (sum(full for full, _ in costs) + around) * per_value,
-            b * (sum(kept for _, kept in costs) + around + states) * per_value,
-            b * max(recomputed) * per_value,
-        )
-    projector = 0.0
-    if model.projector is not None and (trains["vision"] or trains["projector"]):
-        vision_width = model.vision.config.hidden_size
-        projector = b * shapes.image_tokens * (2 * vision_width + 2 * d) * per_value
-    out["projector"] = ActivationBytes(projector, projector, 0.0)
-    head = b * shapes.answer_tokens * 2 * text.vocab_size * BYTES_PER_FP32
-    out["lm_head"] = ActivationBytes(head, head, 0.0)
-    return out
-
-
-def estimate_memory(
-    model: VQAModel, plan: AdaptationPlan, shapes: ActivationShapes
-) -> dict[str, Any]:
-    """Training memory in MiB: fp32 weights, gradients and AdamW state (exact), and the
-    activations of one batch of ``shapes`` (``activation_bytes``), with the towers in
-    ``model.checkpointed`` checkpointed, and for comparison with none and with every tower
-    checkpointed. Checkpointed towers keep each layer's input, and one layer's activations
-    exist again while the backward pass recomputes it (the largest such layer is added)."""
-    per_tower = activation_bytes(model, shapes)
-
-    def activations(towers: tuple[str, ...]) -> tuple[dict[str, float], float]:
-        kept = {
-            tower: (a.checkpointed if tower in towers else a.plain) / MIB
-            for tower, a in per_tower.items()
-        }
-        peak = max((per_tower[t].recompute for t in towers if t in per_tower), default=0.0)
-        return kept, sum(kept.values()) + peak / MIB
-
-    in_effect, total_activations = activations(model.checkpointed)
-    _, none = activations(())
-    _, every = activations(menu.CHECKPOINTABLE)
-    static = (
-        plan.total * BYTES_PER_FP32 + plan.trainable * BYTES_PER_FP32 + plan.optimizer_state_bytes
-    ) / MIB
-    return {
-        "batch_size": shapes.batch,
-        "question_tokens": shapes.question_tokens,
-        "answer_tokens": shapes.answer_tokens,
-        "image_tokens": shapes.image_tokens,
-        "activation_precision": {"no": "fp32"}.get(shapes.precision, shapes.precision),
-        "weights": round(plan.total * BYTES_PER_FP32 / MIB, 1),
-        "gradients": round(plan.trainable * BYTES_PER_FP32 / MIB, 1),
-        "optimizer": round(plan.optimizer_state_bytes / MIB, 1),
-        "activations": round(total_activations, 1),
-        "activations_per_tower": {k: round(v, 1) for k, v in in_effect.items()},
-        "activations_without_checkpointing": round(none, 1),
-        "activations_with_checkpointing": round(every, 1),
-        "checkpointed": list(model.checkpointed),
-        "total": round(static + total_activations, 1),
-    }
-
-
 def lora_parameter_count(
     model: VQAModel,
     tower: str,
@@ -710,13 +397,13 @@ def lora_parameter_count(
     needed): r (in + out) per adapted linear layer, plus out for DoRA's magnitude vector.
     ``tower``: "text" (the text encoder, as in the seed), "vision", "decoder" or "projector"."""
     tower = {"text": "text_encoder", "decoder": "text_decoder"}.get(tower, tower)
-    if not _tower_exists(model, tower):
+    if not tower_exists(model, tower):
         return 0
     stack = model.tower_layers(tower)
     chosen = [model.projector] if stack is None else list(stack)
     if layers is not None:
         chosen = [chosen[i - 1] for i in layers]
-    names = resolve_targets(targets, _layout(model, tower), chosen[0])
+    names = resolve_targets(targets, tower_layout(model, tower), chosen[0])
     total = 0
     for layer in chosen:
         for name, sub in layer.named_modules():
@@ -763,27 +450,3 @@ def format_plan(plan: AdaptationPlan, per_layer: bool = True) -> str:
             lines.append(f"{tower} LoRA modules matched: {len(modules)} (e.g. {modules[0]})")
     lines += ["", *format_memory(plan)]
     return "\n".join(lines)
-
-
-def format_memory(plan: AdaptationPlan) -> list[str]:
-    """The memory lines of the plan (MiB, 2^20 bytes)."""
-    mem = plan.memory_estimate_mib
-    if not mem:
-        return []
-    shape = (
-        f"batch {mem['batch_size']}, {mem['question_tokens']} question / "
-        f"{mem['answer_tokens']} answer / {mem['image_tokens']} image tokens"
-    )
-    towers = ", ".join(f"{k} {v:,.1f}" for k, v in mem["activations_per_tower"].items() if v)
-    checkpointed = ", ".join(mem["checkpointed"]) or "none"
-    lines = [
-        f"memory estimate (MiB; weights, gradients and AdamW state fp32, activations "
-        f"{mem['activation_precision']} at {shape}):",
-        f"  weights {mem['weights']:,.1f} + gradients {mem['gradients']:,.1f} + AdamW state "
-        f"{mem['optimizer']:,.1f} ({plan.optimizer_state_bytes:,} bytes) + activations "
-        f"{mem['activations']:,.1f} = {mem['total']:,.1f} MiB",
-        f"  activations per tower: {towers or 'none'} (gradient checkpointing: {checkpointed})",
-        f"  activations without gradient checkpointing {mem['activations_without_checkpointing']:,.1f}"
-        f" MiB, with it in every tower {mem['activations_with_checkpointing']:,.1f} MiB",
-    ]
-    return lines

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vqadapt import menu, speed
-from vqadapt.adapt import ActivationShapes, AdaptationPlan, apply_adaptation
+from vqadapt.adapt import AdaptationPlan, apply_adaptation
 from vqadapt.backbones import (
     ImagePreprocessing,
     load_image_preprocessing,
@@ -31,6 +31,7 @@ from vqadapt.data.pipeline import (
     resolve_data_files,
 )
 from vqadapt.errors import VQADataError
+from vqadapt.memory import ActivationShapes
 from vqadapt.model import VQAModel
 from vqadapt.runtime import Runtime
 from vqadapt.speed import SpeedPaths

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqadapt.adapt import layer_of, parameter_towers
 from vqadapt.errors import VQATrainingError
+from vqadapt.towers import layer_of, parameter_towers
 
 NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
 TOWERS = ("vision", "projector", "text_encoder", "text_decoder")
