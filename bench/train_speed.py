@@ -107,7 +107,7 @@ def measure(strategy: str, rounds: int, steps: int, batch_size: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def steps(cache: bool, chunk: list[list[int]]) -> None:
+    def train_on(cache: bool, chunk: list[list[int]]) -> None:
         """Train on ``chunk`` as the loop does: batches from the data loader (images decoded,
         cached rows read, by its workers)."""
         for batch in data[cache].loader("train", chunk):
@@ -116,7 +116,7 @@ def measure(strategy: str, rounds: int, steps: int, batch_size: int) -> dict:
     model.train()
     flops = {}
     for cache in (True, False):
-        steps(cache, batches[:3])
+        train_on(cache, batches[:3])
         with FlopCounterMode(display=False) as counter:
             step(data[cache].collators["train"](batches[3]))
         flops[cache] = counter.get_total_flops()
@@ -126,7 +126,7 @@ def measure(strategy: str, rounds: int, steps: int, batch_size: int) -> dict:
         chunk = batches[first : first + steps]
         for cache in (True, False) if round_ % 2 == 0 else (False, True):
             started = time.perf_counter()
-            steps(cache, chunk)
+            train_on(cache, chunk)
             speeds[cache].append(len(chunk) * batch_size / (time.perf_counter() - started))
     ratios = [on / off for on, off in zip(speeds[True], speeds[False], strict=True)]
     model.eval()

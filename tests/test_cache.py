@@ -323,8 +323,15 @@ def test_batches_are_placed_where_the_caches_are(vqa_env, tmp_path: Path) -> Non
 
 
 def test_the_loader_gives_the_collators_batches_in_order(vqa_env, tmp_path: Path) -> None:
-    for cache in (True, False):
+    """Cached rows, crops held in memory and crops decoded per batch: the loader's batches,
+    with or without workers, are the collator's."""
+    for cache, held in ((True, True), (False, True), (False, False)):
         data = evaluate_built(vqa_env, tmp_path, [], cache=cache)["data"]
+        if not cache:
+            assert data.images.held is not None  # the tiny set's crops fit the budget
+            assert torch.equal(data.images.held[[4, 1]], data.images.crops([4, 1]))
+        if not held:
+            data.images.held = None  # decoded per batch, as a set too large to hold is
         batches = [[3, 1, 2], [0], [7, 6, 5, 4]]
         for workers in (0, 2):
             data.collators["val"].workers = workers
@@ -335,4 +342,17 @@ def test_the_loader_gives_the_collators_batches_in_order(vqa_env, tmp_path: Path
                 direct = data.collators["val"](indices)
                 assert set(batch) == set(direct)
                 for key, value in direct.items():
-                    assert torch.equal(batch[key], value), (cache, workers, key)
+                    assert torch.equal(batch[key], value), (cache, held, workers, key)
+
+
+def test_crops_held_equal_crops_decoded(vqa_env, tmp_path: Path) -> None:
+    """``ImageStore.hold`` decodes in workers what ``crops`` decodes in this process, and
+    refuses a set that does not fit its budget."""
+    data = evaluate_built(vqa_env, tmp_path, [], cache=False)["data"]
+    images = data.images
+    held = images.held
+    images.held = None
+    slots = [0, 5, 2, 5]
+    assert torch.equal(held[slots], images.crops(slots))
+    assert not images.hold(budget=len(images.paths) * held[0].numel() - 1)
+    assert images.held is None

@@ -293,6 +293,9 @@ def build_data(
             },
         )
         keep_on_device(features.readers(), runtime.device, log, resident)
+    decodes = not blind and features.vision_features is None and features.vision_embeddings is None
+    if decodes and images.hold(workers=workers):
+        log(f"{len(images.paths)} image crops held in memory (decoded once)")
     pad = tokenizer.pad_token_id
     start = model.decoder_start_token_id
     multiple = model.speed_paths.length_multiple

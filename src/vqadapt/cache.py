@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from vqadapt.data.stream import image_stream, is_accelerator, prepare_crop
+from vqadapt.data.stream import HOST_HOLD_BYTES, image_stream, is_accelerator, prepare_crop
 from vqadapt.runtime import Runtime
 from vqadapt.shards import (
     RowReader,
@@ -379,12 +379,14 @@ def keep_on_device(
 ) -> bool:
     """Hold the caches on ``device`` when they fit in ``RESIDENT_FRACTION`` of its free memory
     (``resident`` forces the choice): a cached step then gathers its rows there and never waits
-    on the host. On the host's own device they stay on disk (memory bounded by the batch)."""
+    on the host. On the host's own device they are held in RAM only when they fit in
+    ``HOST_HOLD_BYTES`` (a fixed bound), else read from disk per batch (memory bounded by the
+    batch)."""
     if not readers:
         return False
     total = sum(reader.spec.total_bytes() for reader in readers)
     if resident is None:
-        resident = False
+        resident = total <= HOST_HOLD_BYTES
         if is_accelerator(device):
             free, _ = torch.accelerator.get_memory_info(device)
             resident = total <= RESIDENT_FRACTION * free

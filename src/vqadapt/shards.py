@@ -651,12 +651,14 @@ class RowReader:
         steps = torch.arange(longest)
         valid = steps[None, :] < torch.tensor(lengths)[:, None]
         rows = torch.where(valid, starts[:, None] + steps[None, :], 0)
+        all_valid = bool(valid.all())  # on the host: no device sync
         device = self.resident.device
-        rows = rows.to(device, non_blocking=True)
+        gathered = self.resident[rows.to(device, non_blocking=True)]
+        if all_valid:
+            return gathered
         valid = valid.to(device, non_blocking=True)
-        gathered = self.resident[rows]
         shape = (*valid.shape, *([1] * len(self.spec.row_shape)))
-        return gathered * valid.view(shape).to(gathered.dtype)
+        return gathered.masked_fill(~valid.view(shape), 0)
 
     def keep_on(self, device: torch.device, staging_pinned: bool = False) -> None:
         """Load the whole cache into one tensor on ``device``, a shard at a time through one

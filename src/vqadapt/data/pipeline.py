@@ -21,9 +21,11 @@ from vqadapt.data.images import ImageIndex
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
 from vqadapt.data.stream import (
+    HOST_HOLD_BYTES,
     PREFETCH,
     crops_tensor,
     default_workers,
+    image_stream,
     is_accelerator,
     own_generator,
     prepare_crop,
@@ -192,13 +194,30 @@ def encode_split(
 
 class ImageStore:
     """The distinct images of a run, one slot each; crops are decoded when asked for, never
-    all held in memory (``stream.image_stream`` decodes many in worker processes)."""
+    all held in memory (``stream.image_stream`` decodes many in worker processes), unless
+    all of them fit in ``HOST_HOLD_BYTES`` (``hold``)."""
 
     def __init__(self, index: ImageIndex | None, preprocessing: ImagePreprocessing | None) -> None:
         self.index = index
         self.preprocessing = preprocessing
         self.slots: dict[Path, int] = {}
         self.paths: list[Path] = []
+        self.held: torch.Tensor | None = None  # (N, 3, crop, crop) uint8, after ``hold``
+
+    def hold(self, budget: int = HOST_HOLD_BYTES, workers: int | None = None) -> bool:
+        """Decode every crop once, in parallel, and keep them when they fit in ``budget``
+        bytes: a batch then indexes them instead of decoding."""
+        if self.preprocessing is None or not self.paths:
+            return False
+        crop = self.preprocessing.crop
+        if len(self.paths) * 3 * crop * crop > budget:
+            return False
+        slots = list(range(len(self.paths)))
+        stream = image_stream(
+            self.paths, self.preprocessing, slots, batch_size=256, device=None, workers=workers
+        )
+        self.held = torch.cat(list(stream))
+        return True
 
     def slot(self, record: VQARecord) -> int:
         if self.index is None or record.image is None:
@@ -213,6 +232,8 @@ class ImageStore:
     def crops(self, slots: Sequence[int]) -> torch.Tensor:
         """(B, 3, crop, crop) uint8 of the images ``slots`` (each distinct one decoded once)."""
         assert self.preprocessing is not None
+        if self.held is not None:
+            return self.held[list(slots)]
         decoded = {slot: prepare_crop(self.paths[slot], self.preprocessing) for slot in set(slots)}
         return crops_tensor([decoded[slot] for slot in slots])
 
@@ -269,9 +290,12 @@ class Collator:
 
     @property
     def decodes_images(self) -> bool:
-        """Whether a batch needs its images decoded (no cached vision rows)."""
-        return not self.blind and (
-            self.features.vision_features is None and self.features.vision_embeddings is None
+        """Whether a batch needs its images decoded (no cached vision rows, no crops held)."""
+        return (
+            not self.blind
+            and self.images.held is None
+            and self.features.vision_features is None
+            and self.features.vision_embeddings is None
         )
 
     def __getstate__(self) -> dict:
