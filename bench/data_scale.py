@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,7 @@ def child(args) -> None:
         )
         result["bytes_per_value"] = sum(disk.values()) / sum(r.spec.values for r in readers)
         result["cache_bytes"] = sum(disk.values())
+    shutil.rmtree(out, ignore_errors=True)  # the run folder: only its metrics were wanted
     print("RESULT " + json.dumps(result))
 
 
@@ -130,8 +132,11 @@ def measure(n: int, eval_n: int, backbones: list[str] | None) -> dict:
     if backbones:
         command += ["--backbones", *backbones]
     env = {**os.environ, "VQADAPT_CACHE": str(fresh)}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    try:
+        done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)  # the feature caches it built (GBs at scale)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return {"n": n, **json.loads(line[len("RESULT ") :])}
 
 
