@@ -243,9 +243,10 @@ def build_data(
     runtime's precision (default: fp32 on the model's device, one process). Under several
     processes each builds its share of the cache shards, then every process reads them all
     (a collective: every process calls this). ``resident`` forces holding the caches on the
-    device (default: when they fit); ``shard_items`` fixes the items per shard (default:
-    about 64 MB per shard); ``workers`` the decoding processes per stream (default: one per
-    spare core).
+    device (default: when they fit; on the CPU, within ``stream.HOST_HOLD_BYTES``); the crops
+    of a run that decodes images are held within that budget too. ``shard_items`` fixes the
+    items per shard (default: about 64 MB per shard); ``workers`` the decoding processes per
+    stream (default: one per spare core).
     """
     runtime = runtime or Runtime(next(model.parameters()).device, "no")
     splits = splits or load_splits(config.data, backbones.embedded_data)
