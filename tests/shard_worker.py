@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqadapt.shards import RowReader, ShardSpec, build
+from vqadapt.shard_reader import RowReader
+from vqadapt.shards import ShardSpec, build
 
 ITEMS = 40
 PER_SHARD = 4

@@ -236,7 +236,7 @@ def test_two_processes_build_disjoint_cache_shards(vqa_env, tmp_path, monkeypatc
         assert twin.is_dir()
         builders = [built_by(replace(spec, folder=twin), s) for s in range(spec.n_shards)]
         assert builders == [s % 2 for s in range(spec.n_shards)] and spec.n_shards >= 2
-        from vqadapt.shards import RowReader
+        from vqadapt.shard_reader import RowReader
 
         items = list(range(spec.n_items))
         theirs = RowReader(replace(spec, folder=twin)).read_padded(items).float()

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from shard_worker import ITEMS, PER_SHARD, compute_rows, expected_rows, spec
-from vqadapt import shards
+from vqadapt import shard_reader, shards
 from vqadapt.demo.browser import free_port
 from vqadapt.errors import VQAConfigError
+from vqadapt.shard_reader import RowReader
 from vqadapt.shards import (
-    RowReader,
     ShardSpec,
     build,
     built_by,
@@ -110,7 +110,7 @@ def test_a_reader_pickles_without_its_open_files(tmp_path: Path) -> None:
 
 
 def test_a_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(shards, "OPEN_FILES", 3)
+    monkeypatch.setattr(shard_reader, "OPEN_FILES", 3)
     layout, _ = built_cache(tmp_path / "c")
     reader = RowReader(layout)
     padded = reader.read_padded(list(range(ITEMS)))  # touches all ten shards

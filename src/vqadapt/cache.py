@@ -34,8 +34,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vqadapt.data.stream import HOST_HOLD_BYTES, image_stream, is_accelerator, prepare_crop
 from vqadapt.runtime import Runtime
+from vqadapt.shard_reader import RowReader
 from vqadapt.shards import (
-    RowReader,
     ShardSpec,
     build,
     check_disk,

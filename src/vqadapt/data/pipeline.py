@@ -1,7 +1,7 @@
 """Records -> tokenised examples -> padded batches (with cached frozen features when present).
 
 Nothing here holds pixels or features of the whole set: images are decoded per batch and cached
-rows are read per batch (``shards.RowReader``), so memory follows the batch, not the data set.
+rows are read per batch (``shard_reader.RowReader``), so memory follows the batch, not the data set.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from vqadapt.data.stream import (
     prepare_crop,
 )
 from vqadapt.errors import VQADataError
-from vqadapt.shards import RowReader
+from vqadapt.shard_reader import RowReader
 from vqadapt.speed import round_lengths
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
