@@ -101,20 +101,24 @@ def measure(strategy: str, rounds: int, steps: int, batch_size: int) -> dict:
     optimizer = make_optimizer(model, 1e-3, 1e-3, 0.01)
     batches = epoch_batches(len(data[True].encoded["train"]), batch_size, 0, 1)
 
-    def step(cache: bool, indices: list[int]) -> None:
-        batch = data[cache].collators["train"](indices)
+    def step(batch: dict) -> None:
         loss = weighted_loss(model(batch, return_losses=True), batch["weights"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def train_on(cache: bool, chunk: list[list[int]]) -> None:
+        """Train on ``chunk`` as the loop does: batches from the data loader (images decoded,
+        cached rows read, by its workers)."""
+        for batch in data[cache].loader("train", chunk):
+            step(batch)
+
     model.train()
     flops = {}
     for cache in (True, False):
-        for indices in batches[:3]:
-            step(cache, indices)
+        train_on(cache, batches[:3])
         with FlopCounterMode(display=False) as counter:
-            step(cache, batches[3])
+            step(data[cache].collators["train"](batches[3]))
         flops[cache] = counter.get_total_flops()
     speeds: dict[bool, list[float]] = {True: [], False: []}
     for round_ in range(rounds):
@@ -122,8 +126,7 @@ def measure(strategy: str, rounds: int, steps: int, batch_size: int) -> dict:
         chunk = batches[first : first + steps]
         for cache in (True, False) if round_ % 2 == 0 else (False, True):
             started = time.perf_counter()
-            for indices in chunk:
-                step(cache, indices)
+            train_on(cache, chunk)
             speeds[cache].append(len(chunk) * batch_size / (time.perf_counter() - started))
     ratios = [on / off for on, off in zip(speeds[True], speeds[False], strict=True)]
     model.eval()

@@ -56,3 +56,25 @@ def test_checkpointing_memory_script_runs_on_tiny_shapes(tmp_path):
         plain, checkpointed = by[(strategy, False)], by[(strategy, True)]
         assert checkpointed["measured_mib"] < plain["measured_mib"]
         assert checkpointed["estimated_mib"] < plain["estimated_mib"]
+
+
+@pytest.mark.slow
+def test_data_scale_script_runs_on_tiny_sets(vqa_env, tmp_path):
+    out = tmp_path / "data_scale.json"
+    command = [sys.executable, str(ROOT / "bench" / "data_scale.py"), "--sizes", "60", "120"]
+    command += ["--eval", "16", "--probe_mb", "4", "--out", str(out)]
+    command += ["--backbones", str(vqa_env.vision), str(vqa_env.text)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["VQADAPT_BENCH_RESULTS"] = str(tmp_path / "results")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    small, large = result["rows"]
+    assert small["images"] < large["images"] and small["questions"] < large["questions"]
+    for row in result["rows"]:
+        assert row["peak_rss_mb"] > 0 and row["build_s"] > 0 and row["samples_per_s"] > 0
+        assert 2.0 <= row["bytes_per_value"] < 2.05  # 16-bit storage plus headers
+    names = [row["dataset"] for row in result["projections"]]
+    assert names == ["ViVQA", "OpenViVQA", "COCO-size (VQAv2-like)"]
+    coco = result["projections"][-1]
+    assert 48 < coco["vision_cache_gb"] < 50  # 123,287 x 257 x 768 x 2 bytes

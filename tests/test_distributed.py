@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,15 +97,17 @@ def test_process_share_covers_every_index_once():
     assert process_share([7], 0, 2) == [] and process_share([7], 1, 2) == [7]
 
 
-@pytest.mark.parametrize("name", ["cpu-2proc", "ddp", "fsdp", "deepspeed-zero2"])
+@pytest.mark.parametrize("name", ["cpu-2proc", "ddp", "ddp-2machines", "fsdp", "deepspeed-zero2"])
 def test_shipped_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(str(CONFIGS / f"{name}.yaml"))
-    expected = {"cpu-2proc": "MULTI_CPU", "ddp": "MULTI_GPU"}
+    expected = {"cpu-2proc": "MULTI_CPU", "ddp": "MULTI_GPU", "ddp-2machines": "MULTI_GPU"}
     expected |= {"fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED"}
     assert str(config.distributed_type).endswith(expected[name])
     assert config.num_processes >= 2
+    if name == "ddp-2machines":
+        assert config.num_machines == 2 and config.main_process_ip and config.main_process_port
 
 
 @pytest.mark.parametrize("partitioned", ["lora", "decoder"])
@@ -183,3 +186,59 @@ def test_early_stopping_is_decided_alike_by_both_processes(vqa_env, tmp_path):
     assert one["stopped_early"] and one["epochs_run"] < 4  # the tiny run's val EM stalls
     assert (two["epochs_run"], two["best_epoch"]) == (one["epochs_run"], one["best_epoch"])
     assert len(_lines(tmp_path / "two" / "metrics.jsonl")) == two["epochs_run"]
+
+
+@pytest.mark.slow
+def test_two_processes_build_disjoint_cache_shards(vqa_env, tmp_path, monkeypatch):
+    """Under ``accelerate launch`` each process builds its own shards of every feature cache
+    (shard i by process i % 2), in parallel, and then each reads all of them; the rows equal
+    a one-process build's up to float rounding (fp16 rounding of nearly equal values)."""
+    from vqadapt.build import build_data, build_model
+    from vqadapt.shards import built_by
+
+    flags = vqa_env.argv(tmp_path / "unused", "--unfreeze_encoder_layers", "3")
+    launcher = Path(sys.executable).parent / "accelerate"
+    command = [str(launcher), "launch", "--main_process_port", str(free_port())]
+    command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    script = Path(__file__).parent / "cache_ranks.py"
+    results_dir = tmp_path / "results"
+    command += [str(script), json.dumps(flags), str(vqa_env.vision), str(vqa_env.text)]
+    command += [str(results_dir)]
+    two = tmp_path / "two"
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**_env(), "VQADAPT_CACHE": str(two)},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = [json.loads((results_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [result["rank"] for result in results] == [0, 1]
+    assert results[0]["sums"] == results[1]["sums"] and len(results[0]["sums"]) == 4
+
+    monkeypatch.setenv("VQADAPT_CACHE", str(tmp_path / "one"))
+    config = vqa_env.config(tmp_path / "unused", "--unfreeze_encoder_layers", "3")
+    model, _, tokenizer, preprocessing = build_model(config, vqa_env.backbones())
+    one = build_data(
+        config,
+        model,
+        tokenizer,
+        preprocessing,
+        vqa_env.backbones(),
+        log=lambda _: None,
+        shard_items=16,
+    )
+    for reader in one.features.readers():
+        spec = reader.spec
+        twin = two / "features" / spec.folder.name  # the same key: the same cache
+        assert twin.is_dir()
+        builders = [built_by(replace(spec, folder=twin), s) for s in range(spec.n_shards)]
+        assert builders == [s % 2 for s in range(spec.n_shards)] and spec.n_shards >= 2
+        from vqadapt.shard_reader import RowReader
+
+        items = list(range(spec.n_items))
+        theirs = RowReader(replace(spec, folder=twin)).read_padded(items).float()
+        ours = reader.read_padded(items).float()
+        torch.testing.assert_close(theirs, ours, rtol=2**-10, atol=1e-6)

@@ -196,7 +196,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 class ImagePreprocessing:
     """Resize (shortest edge), centre crop and normalise, read from the model's image processor.
 
-    Done by hand (PIL + torch) so that the resized uint8 crop can be cached once per image.
+    Done by hand (PIL + torch): crops are decoded as uint8 in worker processes and normalised
+    where the tower runs.
     """
 
     resize: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +17,7 @@ from vqadapt.backbones import (
     load_tokenizer,
     load_vision,
 )
-from vqadapt.cache import (
-    cache_key,
-    cached_or_compute,
-    pack,
-    text_prefix_states,
-    unpack,
-    vision_features,
-    weights_digest,
-)
+from vqadapt.cache import cache_key, keep_on_device, make_caches, plan_caches
 from vqadapt.config import RunConfig
 from vqadapt.data.images import ImageIndex
 from vqadapt.data.pipeline import (
@@ -219,6 +211,15 @@ class DataBundle:
     features: FeatureSources
     collators: dict[str, Collator]
 
+    def loader(
+        self, split: str, batches: Sequence[list[int]], *, device: torch.device | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``split`` given as lists of indices (``train.epoch_batches``), in that
+        order: host tensors (pinned when ``device`` is an accelerator) plus cached rows, gathered
+        on the device when a cache is held there. Prepared ahead by worker processes when
+        images are decoded."""
+        return self.collators[split].loader(batches, device=device)
+
 
 def build_data(
     config: RunConfig,
@@ -230,9 +231,23 @@ def build_data(
     log: Log = print,
     splits: Splits | None = None,
     runtime: Runtime | None = None,
+    *,
+    resident: bool | None = None,
+    shard_items: int | None = None,
+    workers: int | None = None,
 ) -> DataBundle:
-    """Tokenised splits, image slots, the frozen parts' caches (computed on the model's
-    device, under the runtime's precision) and a collator per split."""
+    """Tokenised splits, image slots, the frozen-feature caches (built when missing) and a
+    collator per split.
+
+    The model is already on the runtime's device; the frozen towers run there, under the
+    runtime's precision (default: fp32 on the model's device, one process). Under several
+    processes each builds its share of the cache shards, then every process reads them all
+    (a collective: every process calls this). ``resident`` forces holding the caches on the
+    device (default: when they fit; on the CPU, within ``stream.HOST_HOLD_BYTES``); the crops
+    of a run that decodes images are held within that budget too. ``shard_items`` fixes the
+    items per shard (default: about 64 MB per shard); ``workers`` the decoding processes per
+    stream (default: one per spare core).
+    """
     runtime = runtime or Runtime(next(model.parameters()).device, "no")
     splits = splits or load_splits(config.data, backbones.embedded_data)
     blind = model.vision is None
@@ -254,83 +269,41 @@ def build_data(
             )
     features = FeatureSources()
     if config.train.cache:
-        fill_caches(
-            config, model, tokenizer, preprocessing, backbones, images, encoded, features, log,
+        from vqadapt.embedded import cache_root
+
+        jobs = plan_caches(
+            model,
+            tokenizer,
+            preprocessing,
+            images.paths,
+            encoded,
             runtime,
-        )  # fmt: skip
+            cache_root() / "features",
+            log,
+            shard_items=shard_items,
+            workers=workers,
+        )
+        readers = make_caches(jobs, runtime, log)
+        features = FeatureSources(
+            vision_features=readers.get("vision"),
+            vision_embeddings=readers.get("vision_embeddings"),
+            text_prefix={
+                name.split(":", 1)[1]: reader
+                for name, reader in readers.items()
+                if name.startswith("text_prefix:")
+            },
+        )
+        keep_on_device(features.readers(), runtime.device, log, resident)
+    decodes = not blind and features.vision_features is None and features.vision_embeddings is None
+    if decodes and images.hold(workers=workers):
+        log(f"{len(images.paths)} image crops held in memory (decoded once)")
     pad = tokenizer.pad_token_id
     start = model.decoder_start_token_id
     multiple = model.speed_paths.length_multiple
     collators = {
-        name: Collator(name, enc, pad, start, images, preprocessing, features, blind, multiple)
+        name: Collator(
+            name, enc, pad, start, images, preprocessing, features, blind, multiple, workers
+        )
         for name, enc in encoded.items()
     }
     return DataBundle(splits, encoded, images, features, collators)
-
-
-def _vision_cache(model, images, preprocessing, folder, log, runtime, embeddings_only=False):
-    """Every image's frozen vision tokens, or with ``embeddings_only`` its frozen patch
-    embeddings (vision LoRA), read from the cache or computed and stored."""
-    kind = "vision_embeddings" if embeddings_only else "vision"
-    name = "embeddings" if embeddings_only else "features"
-    key = cache_key(
-        kind=kind,
-        weights=weights_digest(model.vision.embeddings if embeddings_only else model.vision),
-        preprocessing=preprocessing.to_dict(),
-        images=[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images.paths],
-        compute=f"{runtime.device.type}/{runtime.precision}",  # values differ by kernel / dtype
-    )
-    tensors = cached_or_compute(
-        folder / f"{kind.replace('_', '-')}-{key}.safetensors",
-        key,
-        lambda: {
-            name: vision_features(
-                model, images.pixels(), preprocessing, runtime, embeddings_only=embeddings_only
-            )
-        },
-        log,
-    )
-    return tensors[name]
-
-
-def fill_caches(
-    config, model, tokenizer, preprocessing, backbones, images, encoded, features, log, runtime
-) -> None:
-    """Run the frozen parts once and keep their outputs (see cache.py)."""
-    from vqadapt.embedded import cache_root
-
-    folder = cache_root() / "features"
-    if model.vision is not None and model.vision_frozen and images.paths:
-        log(f"vision tower frozen: caching features of {len(images.paths)} images")
-        features.vision_features = _vision_cache(model, images, preprocessing, folder, log, runtime)
-    elif model.vision_splittable and model.vision_embeddings_frozen and images.paths:
-        log(f"vision layers train: caching the patch embeddings of {len(images.paths)} images")
-        features.vision_embeddings = _vision_cache(
-            model, images, preprocessing, folder, log, runtime, embeddings_only=True
-        )
-    layers = model.text_cache_layers
-    if layers > 0:
-        encoder_digest = weights_digest(model.text_encoder)
-        for name, enc in encoded.items():
-            if not len(enc):
-                continue
-            key = cache_key(
-                kind="text_prefix",
-                weights=encoder_digest,
-                layers=layers,
-                inputs=[ids.tolist() for ids in enc.input_ids],
-                compute=f"{runtime.device.type}/{runtime.precision}",
-            )
-            tensors = cached_or_compute(
-                folder / f"text-{key}.safetensors",
-                key,
-                lambda enc=enc: pack(
-                    text_prefix_states(model, enc.input_ids, tokenizer.pad_token_id, runtime)
-                ),
-                log,
-            )
-            features.text_prefix[name] = unpack(tensors)
-        log(
-            f"text encoder: first {layers} of {model.text_layout.num_layers} layers frozen, "
-            "their output cached"
-        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,7 @@ def predict(
     if trie is not None:
         kwargs["prefix_allowed_tokens_fn"] = lambda _, ids: trie.allowed(ids.tolist()[1:])
     order = list(range(n)) if indices is None else list(indices)
-    for start in range(0, len(order), batch_size):
-        batch = runtime.move(collator(order[start : start + batch_size]))
+    for batch in _batches(collator, order, batch_size, runtime):
         with runtime.autocast():
             generated = model.generate(batch, max_new_tokens=max_new_tokens, **kwargs)
         outputs += [
@@ -84,11 +83,18 @@ def summed_loss(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     order = list(indices)
-    for start in range(0, len(order), batch_size):
-        batch = runtime.move(collator(order[start : start + batch_size]))
+    for batch in _batches(collator, order, batch_size, runtime):
         with runtime.autocast():
             total += model(batch, return_losses=True).float().sum().double()
     return float(total)
+
+
+def _batches(collator, order: list[int], batch_size: int, runtime: Runtime) -> Iterator[dict]:
+    """The batches of ``order`` on the runtime's device: prepared ahead by the collator's
+    loader (images decoded, cached rows read, in its workers), each through ``runtime.move``."""
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in collator.loader(chunks, device=runtime.device):
+        yield runtime.move(batch)
 
 
 def mean_loss(model, collator, n: int, batch_size: int, runtime: Runtime | None = None) -> float:

@@ -16,13 +16,18 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from vqadapt.errors import VQATrainingError
+from vqadapt.run_dir import disk_full
 from vqadapt.towers import layer_of, parameter_towers
+
+if TYPE_CHECKING:
+    from vqadapt.config import RunConfig
+    from vqadapt.runtime import Runtime
 
 NO_DECAY_MARKERS = ("norm", "embed", "modality", "lambda1")  # plus every bias / 1-D tensor
 TOWERS = ("vision", "projector", "text_encoder", "text_decoder")
@@ -360,3 +365,38 @@ class LossLog:
         if not finite:
             return float("nan"), float("nan")
         return float(np.mean(finite)), float(np.std(finite))
+
+
+def explain_failure(
+    err: BaseException, config: RunConfig, runtime: Runtime, phase: str, kept: str
+) -> BaseException:
+    """Out of memory and a full disk as ``VQATrainingError`` saying what to change and what
+    was kept; any other error as it is."""
+    t = config.train
+    if isinstance(err, torch.OutOfMemoryError):
+        if phase.startswith(("validating", "evaluating")):
+            advice = f"try a smaller --eval_batch_size (now {t.eval_batch_size})"
+        elif t.batch_size > 1:
+            factor = next(p for p in range(2, t.batch_size + 1) if t.batch_size % p == 0)
+            smaller, more = t.batch_size // factor, t.gradient_accumulation_steps * factor
+            advice = (
+                f"try --batch_size {smaller} --gradient_accumulation_steps {more} (the same "
+                f"effective batch of {t.batch_size * t.gradient_accumulation_steps}; --resume "
+                "accepts that change)"
+            )
+        else:
+            advice = (
+                "the batch size is already 1: train fewer layers (LoRA), use --mixed_precision "
+                "bf16, or a device with more memory"
+            )
+        return VQATrainingError(
+            f"out of memory on {runtime.device} while {phase} (--batch_size {t.batch_size}, "
+            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}): {advice}. {kept}"
+        )
+    if disk_full(err):
+        return VQATrainingError(
+            f"the disk is full (writing {getattr(err, 'filename', None) or 'a run file'} while "
+            f"{phase}): no half-written file was left; free some space, then continue with "
+            f"--resume. {kept}"
+        )
+    return err

@@ -58,13 +58,15 @@ from vqadapt.loop import (
     LossLog,
     OptimizerStep,
     epoch_batches,
+    explain_failure,
     global_weighted_loss,
     length_grouped_batches,
     make_optimizer,
     rng_state,
     set_rng_state,
 )
-from vqadapt.run_dir import RunDirectory, disk_full, now
+from vqadapt.progress import finish_trackers, library_progress_bars, progress, start_trackers
+from vqadapt.run_dir import RunDirectory, now
 from vqadapt.runtime import Runtime, trackers, training_runtime
 from vqadapt.weights import load_answer_weights, weight_for
 
@@ -147,12 +149,12 @@ def fit_and_finish(
                 break
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 log(f"stopping after epoch {epoch} (interruption requested)")
-                _finish_trackers(runtime)
+                finish_trackers(runtime)
                 return {"interrupted_after": epoch}
         where["phase"] = "evaluating the best checkpoint"
         return finish(run, fit, setup, state, config, runtime, started, log)
     except Exception as err:
-        _finish_trackers(runtime)
+        finish_trackers(runtime)
         kept = run.kept(where["checkpoint_epoch"])
         explained = explain_failure(err, config, runtime, where["phase"], kept)
         recorded = run.failed(explained, kept)
@@ -165,68 +167,6 @@ def fit_and_finish(
         raise explained from err
 
 
-def explain_failure(
-    err: BaseException, config: RunConfig, runtime: Runtime, phase: str, kept: str
-) -> BaseException:
-    """Out of memory and a full disk as ``VQATrainingError`` saying what to change and what
-    was kept; any other error as it is."""
-    t = config.train
-    if isinstance(err, torch.OutOfMemoryError):
-        if phase.startswith(("validating", "evaluating")):
-            advice = f"try a smaller --eval_batch_size (now {t.eval_batch_size})"
-        elif t.batch_size > 1:
-            factor = next(p for p in range(2, t.batch_size + 1) if t.batch_size % p == 0)
-            smaller, more = t.batch_size // factor, t.gradient_accumulation_steps * factor
-            advice = (
-                f"try --batch_size {smaller} --gradient_accumulation_steps {more} (the same "
-                f"effective batch of {t.batch_size * t.gradient_accumulation_steps}; --resume "
-                "accepts that change)"
-            )
-        else:
-            advice = (
-                "the batch size is already 1: train fewer layers (LoRA), use --mixed_precision "
-                "bf16, or a device with more memory"
-            )
-        return VQATrainingError(
-            f"out of memory on {runtime.device} while {phase} (--batch_size {t.batch_size}, "
-            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}): {advice}. {kept}"
-        )
-    if disk_full(err):
-        return VQATrainingError(
-            f"the disk is full (writing {getattr(err, 'filename', None) or 'a run file'} while "
-            f"{phase}): no half-written file was left; free some space, then continue with "
-            f"--resume. {kept}"
-        )
-    return err
-
-
-# -- trackers -------------------------------------------------------------------------------
-def start_trackers(runtime: Runtime, config: RunConfig, run: RunDirectory, plan) -> None:
-    """Start ``--report_to``'s trackers (accelerate's tracking API; the main process only)
-    with the run's settings and parameter counts as their configuration."""
-    if not runtime.accelerator.log_with:
-        return
-    values: dict[str, Any] = {}
-    for section in config.to_dict().values():
-        values.update({key: "null" if v is None else v for key, v in section.items()})
-    values.update(trainable_params=plan.trainable, total_params=plan.total)
-    runtime.accelerator.init_trackers(
-        "vqadapt",
-        config=values,
-        init_kwargs={
-            "wandb": {"name": run.path.name, "dir": str(run.path)},
-            "mlflow": {"run_name": run.path.name},
-        },
-    )
-
-
-def _finish_trackers(runtime: Runtime) -> None:
-    """Close the trackers of a run that ends early (their files complete, wandb synced)."""
-    for tracker in runtime.accelerator.trackers:
-        tracker.finish()
-    runtime.accelerator.trackers = []
-
-
 # -- claim ----------------------------------------------------------------------------------
 def claim(run: RunDirectory, config: RunConfig, runtime: Runtime) -> bool:
     """The main process locks and claims the directory (nothing is written yet); every
@@ -235,23 +175,6 @@ def claim(run: RunDirectory, config: RunConfig, runtime: Runtime) -> bool:
     if runtime.world > 1:
         resuming = broadcast_object_list([resuming])[0]
     return resuming
-
-
-@contextlib.contextmanager
-def library_progress_bars(enabled: bool):
-    """transformers' and the hub's progress bars ("Loading weights") on or off for a block
-    (``--no_progress`` turns every bar off, not only vqadapt's)."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.is_progress_bar_enabled()
-    if enabled == before:
-        yield
-        return
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 # -- assemble -------------------------------------------------------------------------------
@@ -274,7 +197,8 @@ def assemble(config: RunConfig, runtime: Runtime, log) -> Setup:
     """Data check, backbones, the adapted model moved to its device, then data and caches
     built on that device: everything that can refuse the run, before its folder is touched.
     The main process goes first: it builds what is shared on disk (embedded data and
-    backbones, the data check's memo, feature caches) and the others then find it ready."""
+    backbones, the data check's memo) and the others then find it ready; the feature caches
+    are built by all of them together, each its share of the shards."""
     with runtime.main_first():
         embedded_data = (
             embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
@@ -297,10 +221,12 @@ def assemble(config: RunConfig, runtime: Runtime, log) -> Setup:
                 f"answer weights: {weights_report['covered']} training answers covered, "
                 f"{weights_report['uncovered_answers']} not covered (weight 1)"
             )
-        data = build_data(
-            config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits,
-            runtime=runtime,
-        )  # fmt: skip
+    # Every process builds its share of the feature-cache shards on its own device, then
+    # reads them all: outside main_first, so that the processes build in parallel.
+    data = build_data(
+        config, model, tokenizer, preprocessing, backbones, answer_weight, log, splits,
+        runtime=runtime,
+    )  # fmt: skip
     trie = None
     if config.train.constrain_to_train_answers:
         trie = AnswerTrie(
@@ -430,15 +356,25 @@ def train_epoch(
         batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
     else:
         batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
-    collate = setup.data.collators["train"]
-    progress = _progress(batches, f"epoch {epoch}/{t.epochs}", t.progress and runtime.is_main)
+    shares = [process_share(indices, runtime.rank, runtime.world) for indices in batches]
+    # A process whose share is empty (a last batch smaller than the number of processes)
+    # still runs a step, on weight 0, so that the gradient all-reduce meets. The loader's
+    # workers decode images and read cached rows ahead of the step.
+    stream = setup.data.loader(
+        "train",
+        [share or indices[:1] for share, indices in zip(shares, batches, strict=True)],
+        device=runtime.device,
+    )
+    bar = progress(
+        zip(shares, stream, strict=True),
+        f"epoch {epoch}/{t.epochs}",
+        t.progress and runtime.is_main,
+        total=len(batches),
+    )
     step_loss = grad_norm = None
-    for micro, indices in enumerate(progress):
+    for micro, (share, host_batch) in enumerate(bar):
         sync_step = (micro + 1) % t.gradient_accumulation_steps == 0 or micro == len(batches) - 1
-        share = process_share(indices, runtime.rank, runtime.world)
-        # A process whose share is empty (a last batch smaller than the number of
-        # processes) still runs a step, on weight 0, so that the gradient all-reduce meets.
-        batch = runtime.move(collate(share or indices[:1]))
+        batch = runtime.move(host_batch)
         if not share:
             batch["weights"] = torch.zeros_like(batch["weights"])
         # Gradients are all-reduced only on the micro-batch that ends an accumulation.
@@ -456,8 +392,8 @@ def train_epoch(
         state.step += 1
         if state.step % t.log_every == 0:  # the only reads of device values in the loop
             fit.step.check(epoch, str(run.last), state.epoch)
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(loss=f"{losses.recent_mean():.3f}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses.recent_mean():.3f}")
             if accelerator.trackers:
                 values = {
                     "train/loss": float(value),
@@ -644,11 +580,3 @@ def _bases(backbones: Backbones) -> dict[str, str | None]:
 
 def _silent(_: str) -> None:
     pass
-
-
-def _progress(items, description: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description, leave=False, dynamic_ncols=True)

@@ -1,22 +1,37 @@
-"""Records -> tokenised examples -> padded batches (with cached frozen features when present)."""
+"""Records -> tokenised examples -> padded batches (with cached frozen features when present).
+
+Nothing here holds pixels or features of the whole set: images are decoded per batch and cached
+rows are read per batch (``shard_reader.RowReader``), so memory follows the batch, not the data set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vqadapt.backbones import ImagePreprocessing
 from vqadapt.config import DataConfig
 from vqadapt.data.formats import load_records
-from vqadapt.data.images import ImageIndex, load_image
+from vqadapt.data.images import ImageIndex
 from vqadapt.data.records import VQARecord
 from vqadapt.data.splits import split_by_image
+from vqadapt.data.stream import (
+    HOST_HOLD_BYTES,
+    PREFETCH,
+    crops_tensor,
+    default_workers,
+    image_stream,
+    is_accelerator,
+    own_generator,
+    prepare_crop,
+)
 from vqadapt.errors import VQADataError
+from vqadapt.shard_reader import RowReader
 from vqadapt.speed import round_lengths
 
 VAL_SPLIT_SEED = 0  # the validation split stays the same whatever the training seed
@@ -86,13 +101,55 @@ def load_splits(
     return Splits(train, val, test, Path(image_root) if image_root else None, sources, skipped)
 
 
+class Ragged(Sequence[torch.Tensor]):
+    """Token-id sequences of different lengths in one flat tensor: ``ragged[i]`` is a view of
+    sequence ``i``. A list of small tensors costs about 1 kB per question in object overhead
+    (and tokenising a whole split at once leaves the allocator fragmented); this costs the ids."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]] = ()) -> None:
+        lengths = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.flat = torch.tensor([i for ids in sequences for i in ids], dtype=torch.long)
+
+    @classmethod
+    def join(cls, parts: Sequence[Ragged]) -> Ragged:
+        """One ``Ragged`` holding the sequences of ``parts``, in order."""
+        joined = cls()
+        if parts:
+            lengths = torch.cat([part.offsets.diff() for part in parts])
+            joined.offsets = torch.cat([joined.offsets, lengths.cumsum(0)])
+            joined.flat = torch.cat([part.flat for part in parts])
+        return joined
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.flat[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> list[int]:
+        return self.offsets.diff().tolist()
+
+
+ENCODE_CHUNK = 4096  # questions tokenised at a time (bounds the tokenizer's Python lists)
+
+
 @dataclass
 class Encoded:
-    """One split, tokenised: parallel lists."""
+    """One split, tokenised: parallel sequences."""
 
     records: list[VQARecord]
-    input_ids: list[torch.Tensor]
-    label_ids: list[torch.Tensor]
+    input_ids: Ragged
+    label_ids: Ragged
     image_slots: list[int]  # index into the image store, -1 when blind
     weights: torch.Tensor
     truncated_questions: int = 0
@@ -109,24 +166,25 @@ def encode_split(
     image_slot: Callable[[VQARecord], int],
     answer_weight: Callable[[str], float] | None = None,
 ) -> Encoded:
-    if not records:  # a split may be absent (no --test_file); tokenizers fail on an empty batch
-        return Encoded([], [], [], [], torch.zeros(0))
-    questions = tokenizer([r.question for r in records], add_special_tokens=True)["input_ids"]
-    answers = tokenizer([r.answer for r in records], add_special_tokens=True)["input_ids"]
-    cut_q = sum(len(q) > data.max_question_tokens for q in questions)
-    cut_a = sum(len(a) > data.max_answer_tokens for a in answers)
     eos = tokenizer.eos_token_id
 
-    def clip(ids: list[int], limit: int) -> torch.Tensor:
-        if len(ids) > limit:
-            ids = [*ids[: limit - 1], eos]
-        return torch.tensor(ids, dtype=torch.long)
+    def clip(ids: list[int], limit: int) -> list[int]:
+        return [*ids[: limit - 1], eos] if len(ids) > limit else ids
 
+    questions, answers, cut_q, cut_a = [], [], 0, 0
+    for start in range(0, len(records), ENCODE_CHUNK):
+        chunk = records[start : start + ENCODE_CHUNK]
+        q_ids = tokenizer([r.question for r in chunk], add_special_tokens=True)["input_ids"]
+        a_ids = tokenizer([r.answer for r in chunk], add_special_tokens=True)["input_ids"]
+        cut_q += sum(len(q) > data.max_question_tokens for q in q_ids)
+        cut_a += sum(len(a) > data.max_answer_tokens for a in a_ids)
+        questions.append(Ragged([clip(q, data.max_question_tokens) for q in q_ids]))
+        answers.append(Ragged([clip(a, data.max_answer_tokens) for a in a_ids]))
     weights = [answer_weight(r.answer) if answer_weight else 1.0 for r in records]
     return Encoded(
         records=list(records),
-        input_ids=[clip(q, data.max_question_tokens) for q in questions],
-        label_ids=[clip(a, data.max_answer_tokens) for a in answers],
+        input_ids=Ragged.join(questions),
+        label_ids=Ragged.join(answers),
         image_slots=[image_slot(r) for r in records],
         weights=torch.tensor(weights, dtype=torch.float32),
         truncated_questions=cut_q,
@@ -135,14 +193,31 @@ def encode_split(
 
 
 class ImageStore:
-    """Decoded, resized, centre-cropped uint8 images, one slot per distinct image (decoded once)."""
+    """The distinct images of a run, one slot each; crops are decoded when asked for, never
+    all held in memory (``stream.image_stream`` decodes many in worker processes), unless
+    all of them fit in ``HOST_HOLD_BYTES`` (``hold``)."""
 
     def __init__(self, index: ImageIndex | None, preprocessing: ImagePreprocessing | None) -> None:
         self.index = index
         self.preprocessing = preprocessing
         self.slots: dict[Path, int] = {}
         self.paths: list[Path] = []
-        self._pixels: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None  # (N, 3, crop, crop) uint8, after ``hold``
+
+    def hold(self, budget: int = HOST_HOLD_BYTES, workers: int | None = None) -> bool:
+        """Decode every crop once, in parallel, and keep them when they fit in ``budget``
+        bytes: a batch then indexes them instead of decoding."""
+        if self.preprocessing is None or not self.paths:
+            return False
+        crop = self.preprocessing.crop
+        if len(self.paths) * 3 * crop * crop > budget:
+            return False
+        slots = list(range(len(self.paths)))
+        stream = image_stream(
+            self.paths, self.preprocessing, slots, batch_size=256, device=None, workers=workers
+        )
+        self.held = torch.cat(list(stream))
+        return True
 
     def slot(self, record: VQARecord) -> int:
         if self.index is None or record.image is None:
@@ -154,41 +229,38 @@ class ImageStore:
             self.paths.append(path)
         return self.slots[key]
 
-    def pixels(self) -> torch.Tensor:
-        """(N, 3, crop, crop) uint8 for every registered image."""
-        if self._pixels is None or len(self._pixels) != len(self.paths):
-            assert self.preprocessing is not None
-            arrays = [self._prepare(path) for path in self.paths]
-            self._pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        return self._pixels
-
-    def _prepare(self, path: Path) -> np.ndarray:
-        from PIL import Image
-
-        prep = self.preprocessing
-        image = load_image(path)
-        width, height = image.size
-        scale = prep.resize / min(width, height)
-        size = (max(prep.crop, round(width * scale)), max(prep.crop, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - prep.crop) // 2, (size[1] - prep.crop) // 2
-        image = image.crop((left, top, left + prep.crop, top + prep.crop))
-        return np.asarray(image, dtype=np.uint8)
+    def crops(self, slots: Sequence[int]) -> torch.Tensor:
+        """(B, 3, crop, crop) uint8 of the images ``slots`` (each distinct one decoded once)."""
+        assert self.preprocessing is not None
+        if self.held is not None:
+            return self.held[list(slots)]
+        decoded = {slot: prepare_crop(self.paths[slot], self.preprocessing) for slot in set(slots)}
+        return crops_tensor([decoded[slot] for slot in slots])
 
 
 @dataclass
 class FeatureSources:
-    """What a batch can take from caches instead of computing: filled in by ``cache.py``."""
+    """What a batch can take from caches instead of computing: filled in by ``cache.py``.
 
-    vision_features: torch.Tensor | None = None  # (num_images, tokens, hidden)
-    vision_embeddings: torch.Tensor | None = None  # (num_images, tokens, hidden): vision LoRA
-    text_prefix: dict[str, list[torch.Tensor]] = field(
-        default_factory=dict
-    )  # split -> per question
+    Each is a ``RowReader``: rows read from disk per batch, or gathered on the device when the
+    cache is held there (``keep_on``)."""
+
+    vision_features: RowReader | None = None  # per image: (tokens, hidden)
+    vision_embeddings: RowReader | None = None  # per image: (tokens, hidden), vision LoRA
+    text_prefix: dict[str, RowReader] = field(default_factory=dict)  # split -> per question
+
+    def readers(self) -> list[RowReader]:
+        found = [self.vision_features, self.vision_embeddings, *self.text_prefix.values()]
+        return [reader for reader in found if reader is not None]
 
 
 class Collator:
-    """Indices of one split -> a padded batch dict for ``VQAModel``."""
+    """Indices of one split -> a padded batch dict for ``VQAModel``.
+
+    ``collator(indices)`` makes one batch in this process (decoding its images, reading its
+    cached rows); ``collator.loader(batches, device=...)`` streams many, prepared ahead by
+    worker processes when images are decoded.
+    """
 
     def __init__(
         self,
@@ -201,6 +273,7 @@ class Collator:
         features: FeatureSources,
         blind: bool,
         length_multiple: int = 1,
+        workers: int | None = None,
     ) -> None:
         self.split, self.encoded, self.pad_id, self.start_id = split, encoded, pad_id, start_id
         self.length_multiple = length_multiple  # static shape buckets (vqadapt.speed)
@@ -210,8 +283,52 @@ class Collator:
             features,
             blind,
         )
+        self.workers = default_workers(self.decodes_images) if workers is None else workers
+        self._stream: DataLoader | None = None
+        self._stream_pinned = False
+        self._sampler = _Batches()
+
+    @property
+    def decodes_images(self) -> bool:
+        """Whether a batch needs its images decoded (no cached vision rows, no crops held)."""
+        return (
+            not self.blind
+            and self.images.held is None
+            and self.features.vision_features is None
+            and self.features.vision_embeddings is None
+        )
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None}  # a DataLoader does not pickle
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self._complete(self.host_batch(indices), indices)
+
+    def loader(
+        self, batches: Sequence[list[int]], *, device: torch.device | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``batches`` (lists of indices), in that order: host tensors (pinned
+        when ``device`` is an accelerator) plus the rows of caches held on a device, gathered
+        there. Worker processes (persistent over calls) prepare them ahead."""
+        pinned = is_accelerator(device)
+        if self._stream is None or self._stream_pinned != pinned:
+            self._stream = DataLoader(
+                _HostBatches(self),
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=self.workers,
+                pin_memory=pinned,
+                prefetch_factor=PREFETCH if self.workers else None,
+                persistent_workers=self.workers > 0,
+                generator=own_generator(),
+            )
+            self._stream_pinned = pinned
+        self._sampler.batches = [list(indices) for indices in batches]
+        for indices, batch in zip(self._sampler.batches, self._stream, strict=True):
+            yield self._complete(batch, indices)
+
+    def host_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Everything of the batch that is prepared on the host (all but device-held rows)."""
         enc = self.encoded
         input_ids = pad_sequence(
             [enc.input_ids[i] for i in indices], batch_first=True, padding_value=self.pad_id
@@ -232,14 +349,58 @@ class Collator:
             "weights": enc.weights[indices],
         }
         prefix = self.features.text_prefix.get(self.split)
-        if prefix is not None:
-            batch["text_prefix"] = pad_sequence([prefix[i] for i in indices], batch_first=True)
+        if prefix is not None and prefix.resident is None:
+            batch["text_prefix"] = prefix.read_padded(indices).float()
         if not self.blind:
-            slots = torch.tensor([enc.image_slots[i] for i in indices])
-            if self.features.vision_features is not None:
-                batch["vision_features"] = self.features.vision_features[slots]
-            elif self.features.vision_embeddings is not None:
-                batch["vision_embeddings"] = self.features.vision_embeddings[slots]
-            else:
-                batch["pixel_values"] = self.preprocessing.normalise(self.images.pixels()[slots])
+            slots = [enc.image_slots[i] for i in indices]
+            vision, name = self._vision_reader()
+            if vision is None:
+                pixels = self.images.crops(slots)
+                batch["pixel_values"] = self.preprocessing.normalise(pixels)
+            elif vision.resident is None:
+                batch[name] = vision.read_padded(slots)[:, 0].float()
+        return batch
+
+    def _vision_reader(self) -> tuple[RowReader | None, str]:
+        if self.features.vision_features is not None:
+            return self.features.vision_features, "vision_features"
+        return self.features.vision_embeddings, "vision_embeddings"
+
+    def _complete(self, batch: dict[str, torch.Tensor], indices: list[int]) -> dict:
+        """The host part plus the rows of device-held caches, lengths rounded up to the speed
+        paths' multiple (static shape buckets, ``vqadapt.speed``)."""
+        self._add_resident_rows(batch, indices)
         return round_lengths(batch, self.length_multiple, self.pad_id)
+
+    def _add_resident_rows(self, batch: dict[str, torch.Tensor], indices: list[int]) -> None:
+        prefix = self.features.text_prefix.get(self.split)
+        if prefix is not None and prefix.resident is not None:
+            batch["text_prefix"] = prefix.gather_padded(indices).float()
+        vision, name = self._vision_reader()
+        if not self.blind and vision is not None and vision.resident is not None:
+            slots = [self.encoded.image_slots[i] for i in indices]
+            batch[name] = vision.gather_padded(slots)[:, 0].float()
+
+
+class _Batches(Sampler):
+    """The current call's batches (lists of indices): the DataLoader's sampler, so that its
+    persistent workers serve every call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _HostBatches(Dataset):
+    """``dataset[indices]`` is the host part of that batch (run in the DataLoader's workers)."""
+
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.collator.host_batch(indices)
