@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from fake_study import DEFAULT_EXPERIMENTS, build_fake_study
+from vqadapt.ablation.comparisons import gap_comparison, paired_comparison, significance
 from vqadapt.ablation.hypotheses import check_claims, check_controls, load_hypotheses
 from vqadapt.ablation.report import write_report
-from vqadapt.ablation.results import (
-    efficiency_table,
-    gap_comparison,
-    layer_grad_profile,
-    load_study,
-    paired_comparison,
-    results_table,
-    significance,
-)
+from vqadapt.ablation.results import efficiency_table, layer_grad_profile, load_study, results_table
 from vqadapt.errors import VQADataError
 from vqadapt.experiments import hypotheses_file
 

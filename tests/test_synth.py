@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vqadapt.data.check import check_dataset
 from vqadapt.data.formats import load_vivqa_csv
 from vqadapt.data.images import ImageIndex, load_image
 from vqadapt.data.synth import (
@@ -48,6 +49,10 @@ def test_loader_reads_it_and_counts_match(generated: tuple[Path, dict]) -> None:
     assert sum(summary["per_type"].values()) == N
     assert abs(len(test) / N - 0.2) < 0.05
     assert not {r.image for r in train} & {r.image for r in test}
+    # ids count on across the files: the data check has no shared ids to warn about
+    assert [r.id for r in train + test] == [str(i) for i in range(N)]
+    report = check_dataset(out / "train.csv", out / "test.csv", image_root=out / "images")
+    assert report.ok and not report.warnings, report.problems
     assert len({r.image for r in train + test}) == summary["images"]
     assert ImageIndex(out / "images").coverage(train + test) == (summary["images"], [])
     assert "seed 7" in (out / "README.md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
-SYNTH_VERSION = "v2"
+SYNTH_VERSION = "v3"  # v3: the test file's question ids follow the training file's
 """Bumped when the generator's output changes (v2: an isoluminant palette, grey backgrounds,
 1-4 larger shapes, yes/no questions, subsets.csv)."""
 TINY_VERSION = "v4"

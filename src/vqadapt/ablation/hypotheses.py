@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 
 from vqadapt.ablation import stats
-from vqadapt.ablation.results import Study, gap_comparison, paired_comparison, run_stats
+from vqadapt.ablation.comparisons import gap_comparison, paired_comparison
+from vqadapt.ablation.results import Study, run_stats
 from vqadapt.errors import VQADataError
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"

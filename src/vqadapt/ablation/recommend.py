@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from vqadapt.ablation import results as res
+from vqadapt.ablation.comparisons import paired_comparison
 
 
 def _fmt_em(row: dict) -> str:
@@ -40,9 +41,7 @@ def recommendation(
     size = best.get("train_questions")
     within, below = [], []
     for row in ranked[1:]:
-        comparison = res.paired_comparison(
-            study, row["experiment"], best["experiment"], alpha=alpha
-        )
+        comparison = paired_comparison(study, row["experiment"], best["experiment"], alpha=alpha)
         if comparison is None:
             continue
         entry = (row, comparison)
@@ -112,7 +111,7 @@ def recommendation(
             "a difference close to the minimum detectable effect."
         )
     elif len(ranked) > 1:
-        comparison = res.paired_comparison(study, ranked[1]["experiment"], best["experiment"])
+        comparison = paired_comparison(study, ranked[1]["experiment"], best["experiment"])
         if comparison is not None and math.isfinite(comparison["seed_p"]):
             paragraphs.append(
                 f"Uncertainty over {seeds} seeds: {best['experiment']} against the runner-up "

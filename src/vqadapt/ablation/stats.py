@@ -6,7 +6,7 @@ Conventions used throughout:
 * "correctness" arrays hold one value per test question (EM is 0/1, F1 is in 0..1);
 * when a study has several seeds, the paired tests are run on the per-question
   correctness of each seed *concatenated* (seed ``k`` of system A is paired with seed
-  ``k`` of system B, question by question); see ``results.paired_comparison``.
+  ``k`` of system B, question by question); see ``comparisons.paired_comparison``.
 """
 
 from __future__ import annotations

@@ -393,11 +393,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _csv_bytes(rows: list[tuple[Question, int]]) -> bytes:
+def _csv_bytes(rows: list[tuple[Question, int]], first_id: int = 0) -> bytes:
+    """ViVQA CSV; ids count on from ``first_id``, so that the test file's ids follow the
+    training file's and no id names two questions (the data check warns about shared ids)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["", "question", "answer", "img_id", "type"])
-    for index, (q, img_id) in enumerate(rows):
+    for index, (q, img_id) in enumerate(rows, start=first_id):
         writer.writerow([index, q.question, q.answer, img_id, TYPE_CODE[q.kind]])
     return buffer.getvalue().encode("utf-8")
 
@@ -406,11 +408,13 @@ def _subsets_bytes(splits: dict[str, list[tuple[Question, int]]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["split", "id", "kind", "needs_colour", "names_blind_shape", "subset"])
+    first_id = 0
     for split, rows in splits.items():
-        for index, (q, _) in enumerate(rows):
+        for index, (q, _) in enumerate(rows, start=first_id):
             writer.writerow(
                 [split, index, q.kind, int(q.needs_colour), int(q.names_blind_shape), q.subset]
             )
+        first_id += len(rows)  # the ids of _csv_bytes: each split counts on from the last
     return buffer.getvalue().encode("utf-8")
 
 
@@ -520,7 +524,7 @@ def generate(
     train_rows = [row for i, rows in enumerate(per_image) if i not in test_ids for row in rows]
     test_rows = [row for i, rows in enumerate(per_image) if i in test_ids for row in rows]
     _write_atomic(out_dir / "train.csv", _csv_bytes(train_rows))
-    _write_atomic(out_dir / "test.csv", _csv_bytes(test_rows))
+    _write_atomic(out_dir / "test.csv", _csv_bytes(test_rows, first_id=len(train_rows)))
     _write_atomic(out_dir / "subsets.csv", _subsets_bytes({"train": train_rows, "test": test_rows}))
 
     all_rows = train_rows + test_rows
