@@ -161,8 +161,10 @@ def test_interrupted_parallel_study_resumes_its_running_cells(tmp_path: Path, vq
     """Ctrl-C (SIGINT to the runner) stops the running cells without marking them failed."""
     preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO)
     out = tmp_path / "study"
-    # Long enough cells (about 1 s per epoch here) to be caught running.
-    arguments = ["--preset", str(preset), "--out", str(out), "--jobs", "2", "--set", "epochs=12"]
+    # Cells long enough to be caught running together: the baseline's epochs take a fraction of
+    # a second with its features cached, and it must not finish before unfreeze3 has built its
+    # own cache and started (12 epochs were not always enough on a busy machine).
+    arguments = ["--preset", str(preset), "--out", str(out), "--jobs", "2", "--set", "epochs=40"]
     process = subprocess.Popen(
         [sys.executable, "-m", "vqadapt", "ablate", *arguments],
         stdout=subprocess.DEVNULL,
@@ -172,6 +174,7 @@ def test_interrupted_parallel_study_resumes_its_running_cells(tmp_path: Path, vq
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not all(status(c) == "running" for c in cells):
         time.sleep(0.05)
+    assert [status(c) for c in cells] == ["running", "running"], "never caught both running"
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) != 0
     assert [status(c) for c in cells] == ["running", "running"]
