@@ -169,6 +169,10 @@ def test_interrupted_parallel_study_resumes_its_running_cells(tmp_path: Path, vq
         [sys.executable, "-m", "vqadapt", "ablate", *arguments],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # A shell's background job (`cmd &` without job control) ignores SIGINT, and Python
+        # keeps an ignored SIGINT ignored: restore the default so Ctrl-C reaches the runner
+        # however the test suite itself was started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     cells = [out / "baseline" / "seed0", out / "unfreeze3" / "seed0"]
     deadline = time.monotonic() + 300
