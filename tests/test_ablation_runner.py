@@ -95,7 +95,13 @@ def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path: Path, vqa_env) 
 
 
 def test_killed_study_finishes_without_redoing_finished_cells(tmp_path: Path, vqa_env) -> None:
-    preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO)
+    # The second cell trains long enough to be killed while running: one epoch of 48 questions
+    # can go from "running" to "success" between two polls.
+    long_second = [
+        TWO[0],
+        {"name": "unfreeze3", "overrides": {"unfreeze_encoder_layers": 3, "epochs": 30}},
+    ]
+    preset = write_preset(tmp_path / "p.yaml", vqa_env, long_second)
     out = tmp_path / "study"
     process = subprocess.Popen(
         [sys.executable, "-m", "vqadapt", "ablate", "--preset", str(preset), "--out", str(out)],
@@ -106,7 +112,7 @@ def test_killed_study_finishes_without_redoing_finished_cells(tmp_path: Path, vq
     first, second = out / "baseline" / "seed0", out / "unfreeze3" / "seed0"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (status(first) == "success" and status(second)):
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert status(first) == "success", "the first cell should have finished before the kill"
