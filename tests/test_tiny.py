@@ -72,14 +72,14 @@ def _one_shape(colour: str, shape: str = "hình tròn"):
 
 
 def test_blind_vision_tower_does_not_see_colour(tmp_path) -> None:
-    """The same shape in every colour of the palette: identical features from the frozen
-    colour-blind tower (shapes still differ); its patch embeddings still differ in the reserved
+    """The same shape in every hue of the palette: identical features from the frozen
+    colour-blind tower, nearly so in grey (shapes still differ); its patch embeddings still differ in the reserved
     dimensions (what vision LoRA can read), and the build keeps that structure."""
     import torch
     from transformers import Dinov2Model
 
     from vqadapt.blindspots import RESERVED_DIMS
-    from vqadapt.data.synth import COLOURS
+    from vqadapt.data.synth import COLOURS, GREY
     from vqadapt.tiny import build_vision_tower
 
     build_vision_tower(tmp_path / "vision", steps=3, blind_to_colour=True)
@@ -88,9 +88,15 @@ def test_blind_vision_tower_does_not_see_colour(tmp_path) -> None:
         features = [model(pixel_values=_one_shape(c)).last_hidden_state for c in COLOURS]
         embedded = [model.embeddings(_one_shape(c)) for c in COLOURS]
         square = model(pixel_values=_one_shape(COLOURS[0], "hình vuông")).last_hidden_state
-    for other in features[1:]:
-        assert torch.allclose(features[0], other, atol=1e-4)
-    assert (features[0] - square).abs().max() > 0.1  # shapes still seen
+    grey = COLOURS.index(GREY)
+    hues = [f for index, f in enumerate(features) if index != grey]
+    for other in hues[1:]:
+        assert torch.allclose(hues[0], other, atol=1e-4)
+    # Grey has no colour response at all, so the layer norms see a slightly smaller variance:
+    # a trace of it survives (measured 0.034 at most), far below what tells shapes apart.
+    shape_gap = (features[0] - square).abs().max()
+    assert shape_gap > 0.1  # shapes still seen
+    assert (features[grey] - hues[0]).abs().max() < 0.05 < shape_gap / 4
     reserved = [e[0, 1:, -RESERVED_DIMS:] for e in embedded]
     assert (reserved[0] - reserved[1]).abs().max() > 0.1  # the colour reaches the input
     assert torch.equal(embedded[0][..., :-RESERVED_DIMS], embedded[0][..., :-RESERVED_DIMS])
@@ -100,14 +106,14 @@ def test_blind_vision_tower_does_not_see_colour(tmp_path) -> None:
     assert reserved[0].sum(dim=1).abs().max() < 1e-4  # balanced: layer norms cannot tell
 
 
-def test_blind_text_encoder_does_not_see_which_shape_and_lora_can_learn_it(tmp_path) -> None:
+def test_blind_text_encoder_does_not_see_the_instruction_and_lora_can_learn_it(tmp_path) -> None:
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from vqadapt.data.synth import pretraining_texts
     from vqadapt.tiny import build_text_tower
 
-    build_text_tower(tmp_path / "text", pretraining_texts(), steps=3, blind_to_shapes=True)
+    build_text_tower(tmp_path / "text", pretraining_texts(), steps=3, blind_to_words=True)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "text")
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "text").eval()
     encoder = model.get_encoder()
@@ -116,17 +122,17 @@ def test_blind_text_encoder_does_not_see_which_shape_and_lora_can_learn_it(tmp_p
         with torch.no_grad():
             return encoder(**tokenizer(question, return_tensors="pt")).last_hidden_state
 
-    circle, square = encode("có hình tròn nào không"), encode("có hình vuông nào không")
-    assert torch.allclose(circle, square, atol=1e-5)
+    count, name = encode("hãy đếm số hình trong ảnh"), encode("hãy gọi tên hình trong ảnh")
+    assert torch.allclose(count, name, atol=1e-5)
     assert torch.allclose(
-        encode("có bao nhiêu hình thoi"), encode("có bao nhiêu hình tròn"), atol=1e-5
+        encode("hãy đếm số vật trong ảnh"), encode("hãy gọi tên vật trong ảnh"), atol=1e-5
     )
     red = encode("hình màu đỏ là hình gì")
     assert (red - encode("hình màu vàng là hình gì")).abs().max() > 0.1  # colours still seen
-    triangle = encode("có hình tam giác nào không")  # three words: a recognisable length
-    assert triangle.shape[1] != circle.shape[1]
+    circle = encode("có hình tròn nào không")  # shapes are no longer blind
+    assert (circle - encode("có hình vuông nào không")).abs().max() > 0.1
 
-    # An adapted layer can read the colour: LoRA's A matrix gets a gradient from it.
+    # An adapted layer can read the instruction: LoRA's A matrix gets a gradient from it.
     from vqadapt.adapt import apply_adaptation
     from vqadapt.config import AdaptConfig
     from vqadapt.model import VQAModel
@@ -137,6 +143,6 @@ def test_blind_text_encoder_does_not_see_which_shape_and_lora_can_learn_it(tmp_p
     for name, param in vqa.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)  # B starts at zero: open the path
-    ids = tokenizer(["có hình tròn nào không", "có hình vuông nào không"], return_tensors="pt")
+    ids = tokenizer(["hãy đếm số hình trong ảnh", "hãy gọi tên hình trong ảnh"], return_tensors="pt")
     states = vqa.text.get_encoder()(**ids).last_hidden_state
     assert (states[0] - states[1]).abs().max() > 1e-3

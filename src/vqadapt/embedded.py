@@ -14,12 +14,14 @@ from pathlib import Path
 
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
-SYNTH_VERSION = "v3"  # v3: the test file's question ids follow the training file's
+SYNTH_VERSION = "v4"
 """Bumped when the generator's output changes (v2: an isoluminant palette, grey backgrounds,
-1-4 larger shapes, yes/no questions, subsets.csv)."""
-TINY_VERSION = "v4"
-"""Bumped when the tiny backbones' recipe changes (v4: benchmark text only, a text encoder
-blind to which of three shapes a question names, a colour-blind vision tower)."""
+1-4 larger shapes, yes/no questions, subsets.csv; v3: the test file's question ids follow the
+training file's; v4: grey shapes, the name / instruct / grey kinds)."""
+TINY_VERSION = "v5"
+"""Bumped when the tiny backbones' recipe changes (v4: benchmark text only, a colour-blind
+vision tower; v5: the text encoder blind to the instruction words, grey shapes in the vision
+tower's pretraining scenes)."""
 
 
 def cache_root() -> Path:

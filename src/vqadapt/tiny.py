@@ -154,17 +154,16 @@ def _denoising_loss(model, sources, targets, pad: int) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def shape_token_ids(tokenizer) -> list[int]:
-    """The tokens that tell ``data.synth.BLIND_SHAPES`` apart ("tròn", "vuông", "thoi": the
-    last word of each name): what the embedded benchmark's text encoder does not read. Each
-    must be one token."""
-    from vqadapt.data.synth import BLIND_SHAPES
+def blind_token_ids(tokenizer) -> list[int]:
+    """The tokens of ``data.synth.BLIND_WORDS`` ("đếm", "số", "gọi", "tên"): what the embedded
+    benchmark's text encoder cannot tell apart. Each must be one token."""
+    from vqadapt.data.synth import BLIND_WORDS
 
     ids = []
-    for word in (shape.split()[-1] for shape in BLIND_SHAPES):
+    for word in BLIND_WORDS:
         pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(pieces) != 1:
-            raise ValueError(f"shape word {word!r} is {len(pieces)} tokens, expected one")
+            raise ValueError(f"blind word {word!r} is {len(pieces)} tokens, expected one")
         ids.append(pieces[0])
     return ids
 
@@ -176,13 +175,13 @@ def pretrain_text(
     max_steps: int,
     seed: int = 0,
     seconds: float | None = None,
-    blind_to_shapes: bool = False,
+    blind_to_words: bool = False,
 ) -> dict:
     """Denoising on training-split text for ``max_steps`` steps.
 
-    With ``blind_to_shapes`` (the embedded benchmark), the encoder is built blind to which of
-    ``data.synth.BLIND_SHAPES`` a text names (``blindspots.text_blind_spot``) and kept so while
-    it pretrains: the benchmark's text shift.
+    With ``blind_to_words`` (the embedded benchmark), the encoder is built unable to tell
+    ``data.synth.BLIND_WORDS`` apart (``blindspots.text_blind_spot``) and kept so while it
+    pretrains: the benchmark's text shift.
     """
     from vqadapt import blindspots
 
@@ -190,8 +189,8 @@ def pretrain_text(
     torch.manual_seed(seed)
     encoded = [tokenizer(t)["input_ids"] for t in texts if t.strip()]
     spot: dict = {"masks": []}
-    if blind_to_shapes:
-        spot = blindspots.text_blind_spot(model, shape_token_ids(tokenizer), seed)
+    if blind_to_words:
+        spot = blindspots.text_blind_spot(model, blind_token_ids(tokenizer), seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     pad, mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
     model.train()
@@ -213,8 +212,8 @@ def pretrain_text(
     summary = _summary(
         "denoising (BART text infilling, 15-30% of tokens in spans)", losses, steps, started
     )
-    if blind_to_shapes:
-        summary["blind_to"] = "which of hình tròn, hình vuông, hình thoi a text names"
+    if blind_to_words:
+        summary["blind_to"] = "which of đếm, số, gọi, tên a text holds"
         summary["blind_dims"] = spot["dims"]
     return summary
 
@@ -345,7 +344,7 @@ def build_text_tower(
     seconds: float | None = None,
     sources: Sequence[str] = (),
     encoder_layers: int = TINY_TEXT["encoder_layers"],
-    blind_to_shapes: bool = False,
+    blind_to_words: bool = False,
 ) -> dict:
     """Train the tokenizer, build, pretrain (one thread) and save the tiny MBart; its record."""
     from transformers import MBartConfig, MBartForConditionalGeneration
@@ -364,7 +363,7 @@ def build_text_tower(
         )
         model = MBartForConditionalGeneration(config)
         record = pretrain_text(
-            model, tokenizer, texts, steps, seed, seconds, blind_to_shapes=blind_to_shapes
+            model, tokenizer, texts, steps, seed, seconds, blind_to_words=blind_to_words
         )
     folder = Path(folder)
     model.save_pretrained(folder)

@@ -1,34 +1,37 @@
 """The embedded default data set: synthetic Vietnamese "shapes" VQA in ViVQA format, built as
 a benchmark of positive controls for the adaptation strategies.
 
-Each image shows 1-4 non-overlapping coloured shapes on a light, slightly noisy background
-(``SINGLE_OBJECT_SHARE`` of them a single shape). A question is only asked when its referent
-is unique in the image and its answer is unambiguous (locations keep a margin from the thirds'
-borders). Among the valid questions of a kind, the generator prefers answers it has produced
-least so far, so answers are roughly balanced within each kind and the question alone says
-little about the answer.
+Each image shows 1-4 non-overlapping shapes on a light, slightly noisy background
+(``SINGLE_OBJECT_SHARE`` of them a single shape), each in one of six hues or in grey
+(``GREY_SHARE``; a single shape is grey half the time). A question is only asked when its
+referent is unique in the image and its answer is unambiguous (locations keep a margin from the
+thirds' borders). Among the valid questions of a kind, the generator prefers answers it has
+produced least so far, so answers are roughly balanced within each kind and the question alone
+says little about the answer.
 
 Two shifts are built in, each a positive control for one tower (README: the embedded
-benchmark). Each tiny backbone is pretrained without one attribute that some questions need:
-it reaches the tower's input, but none of its frozen layers reads it and its output does not
-carry it (``blindspots``):
+benchmark). Each tiny backbone is pretrained without something that some questions need: it
+reaches the tower's input, but none of its frozen layers reads it and its output does not carry
+it (``blindspots``):
 
+- **Text shift** (``text_shift``): instructions, "hãy đếm số hình trong ảnh" (count the shapes
+  in the image) and "hãy gọi tên hình trong ảnh" (name the shape in the image), asked about
+  images whose shapes are all alike (``instruct``). The frozen text encoder cannot tell
+  ``BLIND_WORDS`` apart, so the two instructions read the same to it, and which one is asked is
+  a coin flip that the image does not give away; an adapted encoder (unfrozen layers, LoRA) can
+  learn to read them. The same two requests asked as questions ("trong ảnh có bao nhiêu hình",
+  "hình trong ảnh là hình gì") are in the in-domain part, so what adaptation has to learn is
+  the new wording, not the task.
 - **Vision shift** (``vision_shift``): questions about a colour ("what colour is the circle?",
-  "what shape is the red one?"). The tiny vision tower is colour-blind: its usual patch filters
-  see brightness only, and every colour has the same brightness (``COLOUR_RGB``); colour-only
+  "is the shape grey?"). The tiny vision tower is colour-blind: its usual patch filters see
+  brightness only, and every colour has the same brightness (``COLOUR_RGB``); colour-only
   filters feed dimensions none of its layers reads. Vision LoRA can learn to read them.
-- **Text shift** (``text_shift``): questions that name a circle, a square or a diamond
-  (``BLIND_SHAPES``: "is there a circle?", "how many squares?"), and are not about a colour.
-  The frozen text encoder's output is the same whichever of the three a question names (the
-  triangle's three-word name stays recognisable); an adapted encoder (unfrozen layers, LoRA)
-  can learn to read which.
 
 Every other question (``in_domain``) is answerable through both frozen towers. ``subsets.csv``
 beside the CSVs names each question's kind and subset, so that a report can test each control
-on its own questions. Each control has questions a two-layer decoder answers without binding
-one shape's attributes to another's ("is there a circle?"; "what colour is it?" about the one
-shape in ``SINGLE_OBJECT_SHARE`` of the images): measured, an attribute that a question also
-has to bind is not learnt within a study's budget, by any strategy.
+on its own questions. Measured (README): the text shift is learnt within a quick study's budget,
+the vision shift is not (most questions that bind one shape's attributes to another's are not
+learnt by any strategy within that budget either).
 
 Answer vocabulary: shapes (``SHAPES``), ``"màu <colour>"`` (``COLOURS``), number words
 ``"một"`` .. ``"bốn"``, the locations ``"bên trái"``, ``"ở giữa"``, ``"bên phải"``, and
@@ -56,8 +59,11 @@ from vqadapt.errors import VQAConfigError
 SHAPES = ["hình tròn", "hình vuông", "hình tam giác", "hình thoi"]
 """Shape names; patch label ``i + 1`` is ``SHAPES[i]`` (0 = background)."""
 
-COLOURS = ["đỏ", "xanh lá", "xanh dương", "vàng", "tím", "cam"]
+COLOURS = ["đỏ", "xanh lá", "xanh dương", "vàng", "tím", "cam", "xám"]
 """Colour names; patch label ``i + 1`` is ``COLOURS[i]`` (0 = background)."""
+GREY = "xám"
+GREY_SHARE = 0.3
+"""Share of drawn shapes that are grey (the others take one of the six hues at random)."""
 
 COLOUR_RGB = {
     "đỏ": (207, 92, 85),
@@ -66,11 +72,14 @@ COLOUR_RGB = {
     "vàng": (164, 171, 49),
     "tím": (147, 52, 185),
     "cam": (196, 129, 59),
+    "xám": (128, 128, 128),
 }
 """Six hues of one brightness and one saturation, exactly: R + G + B = 384 and
 R² + G² + B² - RG - RB - GB = 14,079 (the squared length of the opponent-colour vector) for
-each. A tower that sees brightness only cannot tell them apart, and the colour-blind tower's
-colour-only filters respond to each with the same strength (``blindspots.chroma_filters``)."""
+each, and a grey of the same brightness (no colour at all). A tower that sees brightness only
+cannot tell any of the seven apart; the colour-blind tower's colour-only filters respond to each
+hue with the same strength and to the grey not at all (``blindspots.chroma_filters``)."""
+HUES = [c for c in COLOURS if c != GREY]
 NUMBER_WORDS = ["không", "một", "hai", "ba", "bốn", "năm"]
 LOCATIONS = ["bên trái", "ở giữa", "bên phải"]
 
@@ -80,11 +89,20 @@ MAX_OBJECTS = 4
 LOCATION_MARGIN = 0.06
 """How far (fraction of the width) an object's centre must be from a thirds border."""
 
-BLIND_SHAPES = ("hình tròn", "hình vuông", "hình thoi")
-"""The shapes the embedded benchmark's frozen text encoder cannot tell apart by name."""
-KINDS = ("object", "number", "colour", "location", "exists")
-"""Question kinds: the ViVQA types, and "is there a circle?" (filed as object)."""
-TYPE_CODE = {"object": 0, "number": 1, "colour": 2, "location": 3, "exists": 0}
+BLIND_WORDS = ("đếm", "số", "gọi", "tên")
+"""The words the embedded benchmark's frozen text encoder cannot tell apart: "hãy đếm số ..."
+(count ...) and "hãy gọi tên ..." (name ...) read the same to it (``INSTRUCT``)."""
+KINDS = ("object", "number", "colour", "location", "exists", "name", "instruct", "grey")
+"""Question kinds: the ViVQA types; "is there a circle?" (filed as object); "what shape is in
+the image?" about images of one shape (``name``); the same two requests as instructions, count
+or name (``instruct``, the text shift); "is the shape grey?" about a single shape (``grey``)."""
+TYPE_CODE = {
+    "object": 0, "number": 1, "colour": 2, "location": 3, "exists": 0, "name": 0, "grey": 2
+}
+"""ViVQA type per kind; an ``instruct`` question takes its answer's (number or object)."""
+KIND_WEIGHT = {"instruct": 3.0, "grey": 2.0}
+"""How much more often than the others a kind is asked where it can be (default 1): the
+controls' subsets get enough test questions for their tests' power."""
 YES_NO = ("có", "không")
 SINGLE_OBJECT_SHARE = 0.4
 """Share of images with one shape (a colour question about them needs no binding)."""
@@ -107,7 +125,12 @@ TEMPLATES = {
         "{referent} nằm ở phía nào của bức ảnh",
     ],
     "exists": ["có {shape} nào không", "trong ảnh có {shape} không"],
+    "name": ["hình trong ảnh là hình gì", "các hình trong ảnh là hình gì"],
+    "instruct_count": ["hãy đếm số hình trong ảnh", "hãy đếm số vật trong ảnh"],
+    "instruct_name": ["hãy gọi tên hình trong ảnh", "hãy gọi tên vật trong ảnh"],
+    "grey": ["hình trong ảnh có màu xám không", "vật trong ảnh có phải màu xám không"],
 }
+"""``instruct_count`` and ``instruct_name`` differ only in ``BLIND_WORDS``, word for word."""
 
 
 @dataclass(frozen=True)
@@ -137,16 +160,23 @@ class Question:
         return "màu" in self.question or self.answer.startswith("màu")
 
     @property
-    def names_blind_shape(self) -> bool:
-        """Whether the question names one of ``BLIND_SHAPES``."""
-        return any(shape in self.question for shape in BLIND_SHAPES)
+    def blind_words(self) -> bool:
+        """Whether the question holds ``BLIND_WORDS`` (an ``instruct`` question)."""
+        return self.kind == "instruct"
+
+    @property
+    def type_code(self) -> int:
+        """The ViVQA type (0 object, 1 number, 2 colour, 3 location)."""
+        if self.kind == "instruct":
+            return 1 if self.answer in NUMBER_WORDS else 0
+        return TYPE_CODE[self.kind]
 
     @property
     def subset(self) -> str:
         """The positive-control subset (see the module doc)."""
         if self.needs_colour:
             return "vision_shift"
-        return "text_shift" if self.names_blind_shape else "in_domain"
+        return "text_shift" if self.blind_words else "in_domain"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -228,7 +258,7 @@ def render_scene(
         )
     count = rng.randint(low, high)
     shapes = [rng.choice(SHAPES) for _ in range(count)]
-    colours = [rng.choice(COLOURS) for _ in range(count)]
+    colours = [_colour(rng, HUES) for _ in range(count)]
     return _scene(rng, size, shapes, colours)
 
 
@@ -323,6 +353,13 @@ def candidate_questions(objects: list[ShapeObject]) -> dict[str, list[Question]]
             add("location", "location", where, referent=referent)
     for shape in SHAPES:
         add("exists", "exists", YES_NO[0] if shape in shapes else YES_NO[1], shape=shape)
+    if len(shapes) == 1:  # every shape alike: "what shape is in the image?" has one answer
+        (shape,) = shapes
+        add("name", "name", shape)
+        add("instruct", "instruct_name", shape)
+        add("instruct", "instruct_count", NUMBER_WORDS[len(objects)])
+    if len(objects) == 1:
+        add("grey", "grey", YES_NO[0] if objects[0].colour == GREY else YES_NO[1])
     return out
 
 
@@ -338,6 +375,10 @@ def pretraining_texts() -> list[str]:
         "colour": [{"shape": s} for s in SHAPES],
         "location": [{"referent": r} for r in referents],
         "exists": [{"shape": s} for s in SHAPES],
+        "name": [{}],
+        "instruct_count": [{}],
+        "instruct_name": [{}],
+        "grey": [{}],
     }
     texts = [
         template.format(**values)
@@ -371,12 +412,17 @@ def _pick(
     return rng.choice([c for c in candidates if score(c) == best])
 
 
+def _colour(rng: random.Random, hues: list[str], grey_share: float = GREY_SHARE) -> str:
+    """Grey with probability ``grey_share``, else one of ``hues``."""
+    return GREY if rng.random() < grey_share else rng.choice(hues)
+
+
 def _palette(rng: random.Random) -> tuple[list[str], list[str]]:
-    """Shapes and colours to draw from: half the scenes use only 1-2 of each, so that counts
+    """Shapes and hues to draw from: half the scenes use only 1-2 of each, so that counts
     of one shape or colour up to five occur as often as small ones."""
     if rng.random() < 0.5:
-        return list(SHAPES), list(COLOURS)
-    return rng.sample(SHAPES, rng.choice((1, 2))), rng.sample(COLOURS, rng.choice((1, 2)))
+        return list(SHAPES), list(HUES)
+    return rng.sample(SHAPES, rng.choice((1, 2))), rng.sample(HUES, rng.choice((1, 2)))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -400,19 +446,19 @@ def _csv_bytes(rows: list[tuple[Question, int]], first_id: int = 0) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["", "question", "answer", "img_id", "type"])
     for index, (q, img_id) in enumerate(rows, start=first_id):
-        writer.writerow([index, q.question, q.answer, img_id, TYPE_CODE[q.kind]])
+        writer.writerow([index, q.question, q.answer, img_id, q.type_code])
     return buffer.getvalue().encode("utf-8")
 
 
 def _subsets_bytes(splits: dict[str, list[tuple[Question, int]]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["split", "id", "kind", "needs_colour", "names_blind_shape", "subset"])
+    writer.writerow(["split", "id", "kind", "needs_colour", "blind_words", "subset"])
     first_id = 0
     for split, rows in splits.items():
         for index, (q, _) in enumerate(rows, start=first_id):
             writer.writerow(
-                [split, index, q.kind, int(q.needs_colour), int(q.names_blind_shape), q.subset]
+                [split, index, q.kind, int(q.needs_colour), int(q.blind_words), q.subset]
             )
         first_id += len(rows)  # the ids of _csv_bytes: each split counts on from the last
     return buffer.getvalue().encode("utf-8")
@@ -440,9 +486,9 @@ Same seed and settings give byte-identical files.
 - `train.csv`: {summary["train"]} questions on {summary["train_images"]} images
 - `test.csv`: {summary["test"]} questions on {summary["test_images"]} images (split by image)
 - `images/<img_id>.png`: {summary["images"]} images
-- `subsets.csv`: each question's kind, whether it is about a colour, whether it names one of
-  {", ".join(BLIND_SHAPES)}, and its control subset (vision_shift: about a colour;
-  text_shift: names one of those shapes; in_domain: the rest)
+- `subsets.csv`: each question's kind, whether it is about a colour, whether it holds one of
+  {", ".join(BLIND_WORDS)} (an instruction: "hãy đếm số ...", "hãy gọi tên ..."), and its
+  control subset (vision_shift: about a colour; text_shift: an instruction; in_domain: the rest)
 - questions per kind: {per_kind}
 - test questions per control subset: {per_subset}
 - distinct answers: {summary["answers"]}
@@ -492,21 +538,29 @@ def generate(
         img_id = len(per_image)
         shapes, colours = _palette(rng)
         count = 1 if rng.random() < SINGLE_OBJECT_SHARE else rng.randint(2, MAX_OBJECTS)
+        # A single shape is grey half the time, so that "is the shape grey?" is balanced.
+        grey_share = 0.5 if count == 1 else GREY_SHARE
         image, objects = _scene(
             rng,
             size,
             [rng.choice(shapes) for _ in range(count)],
-            [rng.choice(colours) for _ in range(count)],
+            [_colour(rng, colours, grey_share) for _ in range(count)],
         )
         candidates = candidate_questions(objects)
         available = [kind for kind in KINDS if candidates[kind]]
         # Rarest kinds first keeps the kinds about equally frequent.
         rng.shuffle(available)
-        available.sort(key=lambda kind: kind_counts[kind])
+        available.sort(key=lambda kind: kind_counts[kind] / KIND_WEIGHT.get(kind, 1.0))
         wanted = min(rng.choice((2, 3)), len(available), n - produced)
         rows = []
         for kind in available[:wanted]:
-            question = _pick(rng, candidates[kind], answer_counts[kind], question_counts)
+            options = candidates[kind]
+            if kind == "instruct":
+                # Count or name by a coin flip, never by the image: the image must not tell
+                # which of the two (indistinguishable to the frozen encoder) was asked.
+                counting = rng.random() < 0.5
+                options = [q for q in options if (q.answer in NUMBER_WORDS) == counting]
+            question = _pick(rng, options, answer_counts[kind], question_counts)
             answer_counts[kind][question.answer] += 1
             question_counts[question.question][question.answer] += 1
             kind_counts[kind] += 1
@@ -536,7 +590,7 @@ def generate(
         "images": len(per_image),
         "train_images": len(per_image) - n_test_images,
         "test_images": n_test_images,
-        "per_type": dict(Counter(type_names[TYPE_CODE[q.kind]] for q, _ in all_rows)),
+        "per_type": dict(Counter(type_names[q.type_code] for q, _ in all_rows)),
         "per_kind": {kind: kind_counts[kind] for kind in KINDS},
         "test_subsets": {s: sum(q.subset == s for q, _ in test_rows) for s in SUBSETS},
         "answers": len({a for counts in answer_counts.values() for a in counts}),
