@@ -71,7 +71,7 @@ def cli_run(vqa_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished run made through the CLI (high learning rate: varied predictions)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     argv = ["train", *vqa_env.data_flags(), *small_run_flags(out)]
-    more = ["--max_train_samples", "64", "--batch_size", "4", "--lr", "1e-2", "--epochs", "2"]
+    more = ["--max_train_samples", "64", "--batch_size", "4", "--lr", "3e-3", "--epochs", "2"]
     assert run_cli([*argv, *more]) == 0
     return out
 

@@ -15,10 +15,10 @@ from vqadapt.data.formats import load_vivqa_csv
 from vqadapt.data.images import ImageIndex, load_image
 from vqadapt.data.synth import (
     BLIND_WORDS,
-    KINDS,
     COLOUR_RGB,
     COLOURS,
     GREY,
+    KINDS,
     LOCATION_MARGIN,
     LOCATIONS,
     MAX_OBJECTS,

@@ -143,6 +143,8 @@ def test_blind_text_encoder_does_not_see_the_instruction_and_lora_can_learn_it(t
     for name, param in vqa.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)  # B starts at zero: open the path
-    ids = tokenizer(["hãy đếm số hình trong ảnh", "hãy gọi tên hình trong ảnh"], return_tensors="pt")
+    ids = tokenizer(
+        ["hãy đếm số hình trong ảnh", "hãy gọi tên hình trong ảnh"], return_tensors="pt"
+    )
     states = vqa.text.get_encoder()(**ids).last_hidden_state
     assert (states[0] - states[1]).abs().max() > 1e-3

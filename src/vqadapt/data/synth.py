@@ -97,7 +97,13 @@ KINDS = ("object", "number", "colour", "location", "exists", "name", "instruct",
 the image?" about images of one shape (``name``); the same two requests as instructions, count
 or name (``instruct``, the text shift); "is the shape grey?" about a single shape (``grey``)."""
 TYPE_CODE = {
-    "object": 0, "number": 1, "colour": 2, "location": 3, "exists": 0, "name": 0, "grey": 2
+    "object": 0,
+    "number": 1,
+    "colour": 2,
+    "location": 3,
+    "exists": 0,
+    "name": 0,
+    "grey": 2,
 }
 """ViVQA type per kind; an ``instruct`` question takes its answer's (number or object)."""
 KIND_WEIGHT = {"instruct": 3.0, "grey": 2.0}
