@@ -36,6 +36,7 @@ from vqadapt.data.stream import HOST_HOLD_BYTES, image_stream, is_accelerator, p
 from vqadapt.runtime import Runtime
 from vqadapt.shard_reader import RowReader
 from vqadapt.shards import (
+    BuildReport,
     ShardSpec,
     build,
     check_disk,
@@ -348,9 +349,9 @@ def make_caches(jobs: list[CacheJob], runtime: Runtime, log: Log) -> dict[str, R
         return {}
     check_disk([(job.spec, missing_shards(job.spec)) for job in jobs], log)
     runtime.wait()  # every process has checked before any writes
-    readers = {}
-    for job in jobs:
-        report = build(
+
+    def build_job(job: CacheJob) -> BuildReport:
+        return build(
             job.spec,
             job.compute,
             rank=runtime.rank,
@@ -358,18 +359,14 @@ def make_caches(jobs: list[CacheJob], runtime: Runtime, log: Log) -> dict[str, R
             barrier=runtime.wait,
             log=log,
         )
-        if report.overflowed:
+
+    readers = {}
+    for job in jobs:
+        if build_job(job).overflowed:
             job.spec = job.respec(torch.bfloat16)
             check_disk([(job.spec, missing_shards(job.spec))], log)
             runtime.wait()
-            build(
-                job.spec,
-                job.compute,
-                rank=runtime.rank,
-                world=runtime.world,
-                barrier=runtime.wait,
-                log=log,
-            )
+            build_job(job)
         readers[job.name] = RowReader(job.spec)
     return readers
 
