@@ -213,7 +213,9 @@ def pretrain_text(
         "denoising (BART text infilling, 15-30% of tokens in spans)", losses, steps, started
     )
     if blind_to_words:
-        summary["blind_to"] = "which of đếm, số, gọi, tên a text holds"
+        from vqadapt.data.synth import BLIND_WORDS
+
+        summary["blind_to"] = f"which of {', '.join(BLIND_WORDS)} a text holds"
         summary["blind_dims"] = spot["dims"]
     return summary
 

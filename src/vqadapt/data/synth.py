@@ -91,7 +91,7 @@ LOCATION_MARGIN = 0.06
 
 BLIND_WORDS = ("đếm", "số", "gọi", "tên")
 """The words the embedded benchmark's frozen text encoder cannot tell apart: "hãy đếm số ..."
-(count ...) and "hãy gọi tên ..." (name ...) read the same to it (``INSTRUCT``)."""
+(count ...) and "hãy gọi tên ..." (name ...) read the same to it (the ``instruct`` kind)."""
 KINDS = ("object", "number", "colour", "location", "exists", "name", "instruct", "grey")
 """Question kinds: the ViVQA types; "is there a circle?" (filed as object); "what shape is in
 the image?" about images of one shape (``name``); the same two requests as instructions, count
