@@ -284,8 +284,9 @@ class TrainConfig:
     lr: float = option(1e-3, "Peak learning rate (AdamW).", POSITIVE)
     vision_lr: float | None = option(
         None,
-        "Learning rate of whatever trains in the vision tower (LoRA, last_n, full; default: "
-        "lr * 0.3; a vision tower trained at the text rate collapses, see FINDINGS).",
+        "Learning rate of whatever trains in the vision tower (default: lr when only LoRA "
+        "trains there, else lr * 0.3: a vision tower whose own weights train at the text rate "
+        "collapses, see FINDINGS).",
         POSITIVE,
     )
     weight_decay: float = option(

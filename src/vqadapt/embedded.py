@@ -14,14 +14,16 @@ from pathlib import Path
 
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
-SYNTH_VERSION = "v4"
+SYNTH_VERSION = "v5"
 """Bumped when the generator's output changes (v2: an isoluminant palette, grey backgrounds,
 1-4 larger shapes, yes/no questions, subsets.csv; v3: the test file's question ids follow the
-training file's; v4: grey shapes, the name / instruct / grey kinds)."""
-TINY_VERSION = "v5"
+training file's; v4: grey shapes, the name / instruct / grey kinds; v5: a palette of twin
+colours, no grey, the tint kind, 60% single-shape images)."""
+TINY_VERSION = "v6"
 """Bumped when the tiny backbones' recipe changes (v4: benchmark text only, a colour-blind
 vision tower; v5: the text encoder blind to the instruction words, grey shapes in the vision
-tower's pretraining scenes)."""
+tower's pretraining scenes; v6: the vision tower blind to the blue-yellow axis only, 600
+pretraining steps with a head for the colours it sees)."""
 
 
 def cache_root() -> Path:

@@ -65,6 +65,7 @@ from vqadapt.loop import (
     rng_state,
     set_rng_state,
 )
+from vqadapt.menu import resolve
 from vqadapt.progress import finish_trackers, library_progress_bars, progress, start_trackers
 from vqadapt.run_dir import RunDirectory, now
 from vqadapt.runtime import Runtime, trackers, training_runtime
@@ -268,13 +269,24 @@ class Fit:
     steps_per_epoch: int
 
 
+def default_vision_lr(config: RunConfig) -> float:
+    """The vision tower's rate when ``--vision_lr`` is not given: ``lr`` when only LoRA
+    adapters train there (they start at zero and leave the tower's weights alone; at lr * 0.3
+    vision LoRA did not learn the embedded benchmark's vision shift within the quick study,
+    README), else ``lr * 0.3`` (a vision tower whose own weights train at the text rate
+    collapses, FINDINGS.md)."""
+    choice = resolve(config.adapt)["vision"]
+    adapters_only = choice.lora and not (choice.full or choice.last_n)
+    return config.train.lr if adapters_only else config.train.lr * 0.3
+
+
 def prepare_fit(config: RunConfig, setup: Setup, runtime: Runtime) -> Fit:
     """AdamW (vision LoRA at its own rate), the schedule, and accelerate's wrapping."""
     t = config.train
     accelerator = runtime.accelerator
     if runtime.rank:  # different dropout masks per process (rank 0 keeps the one-process stream)
         torch.manual_seed(t.seed + 1_000_003 * runtime.rank)
-    vision_lr = t.vision_lr if t.vision_lr is not None else t.lr * 0.3
+    vision_lr = t.vision_lr if t.vision_lr is not None else default_vision_lr(config)
     optimizer = make_optimizer(setup.model, t.lr, vision_lr, t.weight_decay)
     n_train = len(setup.data.encoded["train"])
     steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)

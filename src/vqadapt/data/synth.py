@@ -2,10 +2,9 @@
 a benchmark of positive controls for the adaptation strategies.
 
 Each image shows 1-4 non-overlapping shapes on a light, slightly noisy background
-(``SINGLE_OBJECT_SHARE`` of them a single shape), each in one of six hues or in grey
-(``GREY_SHARE``; a single shape is grey half the time). A question is only asked when its
-referent is unique in the image and its answer is unambiguous (locations keep a margin from the
-thirds' borders). Among the valid questions of a kind, the generator prefers answers it has
+(``SINGLE_OBJECT_SHARE`` of them a single shape), each in one of six colours. A question is only
+asked when its referent is unique in the image and its answer is unambiguous (locations keep a
+margin from the thirds' borders). Among the valid questions of a kind, the generator prefers answers it has
 produced least so far, so answers are roughly balanced within each kind and the question alone
 says little about the answer.
 
@@ -22,16 +21,17 @@ it (``blindspots``):
   learn to read them. The same two requests asked as questions ("trong ảnh có bao nhiêu hình",
   "hình trong ảnh là hình gì") are in the in-domain part, so what adaptation has to learn is
   the new wording, not the task.
-- **Vision shift** (``vision_shift``): questions about a colour ("what colour is the circle?",
-  "is the shape grey?"). The tiny vision tower is colour-blind: its usual patch filters see
-  brightness only, and every colour has the same brightness (``COLOUR_RGB``); colour-only
-  filters feed dimensions none of its layers reads. Vision LoRA can learn to read them.
+- **Vision shift** (``vision_shift``): questions that name or answer one of ``TWINS``, four
+  of the six colours ("what colour is the circle?" -> "màu vàng", "how many purple shapes?").
+  The tiny vision tower sees brightness and the red-cyan colour axis but not the blue-yellow
+  one, so yellow and purple look the same to it, and so do green and blue
+  (``COLOUR_RGB``); colour-only filters feed dimensions none of its layers reads. Red and cyan
+  it tells apart, so the decoder learns to name colours from in-domain questions, and what
+  vision LoRA has to learn is to read the missing axis.
 
 Every other question (``in_domain``) is answerable through both frozen towers. ``subsets.csv``
 beside the CSVs names each question's kind and subset, so that a report can test each control
-on its own questions. Measured (README): the text shift is learnt within a quick study's budget,
-the vision shift is not (most questions that bind one shape's attributes to another's are not
-learnt by any strategy within that budget either).
+on its own questions (README: what the quick study measured).
 
 Answer vocabulary: shapes (``SHAPES``), ``"màu <colour>"`` (``COLOURS``), number words
 ``"một"`` .. ``"bốn"``, the locations ``"bên trái"``, ``"ở giữa"``, ``"bên phải"``, and
@@ -59,27 +59,28 @@ from vqadapt.errors import VQAConfigError
 SHAPES = ["hình tròn", "hình vuông", "hình tam giác", "hình thoi"]
 """Shape names; patch label ``i + 1`` is ``SHAPES[i]`` (0 = background)."""
 
-COLOURS = ["đỏ", "xanh lá", "xanh dương", "vàng", "tím", "cam", "xám"]
+COLOURS = ["đỏ", "xanh lơ", "vàng", "tím", "xanh lá", "xanh dương"]
 """Colour names; patch label ``i + 1`` is ``COLOURS[i]`` (0 = background)."""
-GREY = "xám"
-GREY_SHARE = 0.3
-"""Share of drawn shapes that are grey (the others take one of the six hues at random)."""
 
 COLOUR_RGB = {
-    "đỏ": (207, 92, 85),
-    "xanh lá": (85, 207, 92),
-    "xanh dương": (71, 109, 204),
-    "vàng": (164, 171, 49),
-    "tím": (147, 52, 185),
-    "cam": (196, 129, 59),
-    "xám": (128, 128, 128),
+    "đỏ": (208, 88, 88),
+    "xanh lơ": (48, 168, 168),
+    "vàng": (168, 168, 48),
+    "tím": (168, 48, 168),
+    "xanh lá": (88, 208, 88),
+    "xanh dương": (88, 88, 208),
 }
 """Six hues of one brightness and one saturation, exactly: R + G + B = 384 and
-R² + G² + B² - RG - RB - GB = 14,079 (the squared length of the opponent-colour vector) for
-each, and a grey of the same brightness (no colour at all). A tower that sees brightness only
-cannot tell any of the seven apart; the colour-blind tower's colour-only filters respond to each
-hue with the same strength and to the grey not at all (``blindspots.chroma_filters``)."""
-HUES = [c for c in COLOURS if c != GREY]
+R² + G² + B² - RG - RB - GB = 14,400 (the squared length of the opponent-colour vector) for
+each, at hue angles 0, 180, ±60 and ±120 degrees. ``TWINS`` differ only in the sign of the
+blue-yellow axis b = (G - B)·√3/2 (their G and B swapped); the red-cyan axis
+a = R - (G + B)/2 and the brightness are the same. A tower that sees brightness and a only
+(``blindspots.vision_blind_spot``) tells red, cyan and the two pairs apart, not a twin from its
+twin."""
+TWINS = {"vàng": "tím", "tím": "vàng", "xanh lá": "xanh dương", "xanh dương": "xanh lá"}
+"""The colours the embedded benchmark's frozen vision tower confuses, each with its twin."""
+SEEN_COLOUR = {"đỏ": 1, "xanh lơ": 2, "vàng": 3, "tím": 3, "xanh lá": 4, "xanh dương": 4}
+"""What the frozen vision tower can tell apart: a class per colour, twins sharing one."""
 NUMBER_WORDS = ["không", "một", "hai", "ba", "bốn", "năm"]
 LOCATIONS = ["bên trái", "ở giữa", "bên phải"]
 
@@ -92,10 +93,11 @@ LOCATION_MARGIN = 0.06
 BLIND_WORDS = ("đếm", "số", "gọi", "tên")
 """The words the embedded benchmark's frozen text encoder cannot tell apart: "hãy đếm số ..."
 (count ...) and "hãy gọi tên ..." (name ...) read the same to it (the ``instruct`` kind)."""
-KINDS = ("object", "number", "colour", "location", "exists", "name", "instruct", "grey")
+KINDS = ("object", "number", "colour", "location", "exists", "name", "instruct", "tint")
 """Question kinds: the ViVQA types; "is there a circle?" (filed as object); "what shape is in
 the image?" about images of one shape (``name``); the same two requests as instructions, count
-or name (``instruct``, the text shift); "is the shape grey?" about a single shape (``grey``)."""
+or name (``instruct``, the text shift); "what colour is the shape?" about images whose
+shapes are all one colour (``tint``: a colour question that needs no binding)."""
 TYPE_CODE = {
     "object": 0,
     "number": 1,
@@ -103,14 +105,14 @@ TYPE_CODE = {
     "location": 3,
     "exists": 0,
     "name": 0,
-    "grey": 2,
+    "tint": 2,
 }
 """ViVQA type per kind; an ``instruct`` question takes its answer's (number or object)."""
-KIND_WEIGHT = {"instruct": 3.0, "grey": 2.0}
+KIND_WEIGHT = {"instruct": 3.0, "tint": 6.0}
 """How much more often than the others a kind is asked where it can be (default 1): the
 controls' subsets get enough test questions for their tests' power."""
 YES_NO = ("có", "không")
-SINGLE_OBJECT_SHARE = 0.4
+SINGLE_OBJECT_SHARE = 0.6
 """Share of images with one shape (a colour question about them needs no binding)."""
 SUBSETS = ("in_domain", "text_shift", "vision_shift")
 
@@ -134,7 +136,7 @@ TEMPLATES = {
     "name": ["hình trong ảnh là hình gì", "các hình trong ảnh là hình gì"],
     "instruct_count": ["hãy đếm số hình trong ảnh", "hãy đếm số vật trong ảnh"],
     "instruct_name": ["hãy gọi tên hình trong ảnh", "hãy gọi tên vật trong ảnh"],
-    "grey": ["hình trong ảnh có màu xám không", "vật trong ảnh có phải màu xám không"],
+    "tint": ["hình trong ảnh có màu gì", "vật trong ảnh màu gì"],
 }
 """``instruct_count`` and ``instruct_name`` differ only in ``BLIND_WORDS``, word for word."""
 
@@ -161,9 +163,10 @@ class Question:
     kind: str
 
     @property
-    def needs_colour(self) -> bool:
-        """Whether the question or its answer is about a colour."""
-        return "màu" in self.question or self.answer.startswith("màu")
+    def names_twin(self) -> bool:
+        """Whether the question or its answer names one of ``TWINS``."""
+        text = f"{self.question} {self.answer} "
+        return any(f"màu {colour} " in text for colour in TWINS)
 
     @property
     def blind_words(self) -> bool:
@@ -180,7 +183,7 @@ class Question:
     @property
     def subset(self) -> str:
         """The positive-control subset (see the module doc)."""
-        if self.needs_colour:
+        if self.names_twin:
             return "vision_shift"
         return "text_shift" if self.blind_words else "in_domain"
 
@@ -264,7 +267,7 @@ def render_scene(
         )
     count = rng.randint(low, high)
     shapes = [rng.choice(SHAPES) for _ in range(count)]
-    colours = [_colour(rng, HUES) for _ in range(count)]
+    colours = [rng.choice(COLOURS) for _ in range(count)]
     return _scene(rng, size, shapes, colours)
 
 
@@ -364,8 +367,9 @@ def candidate_questions(objects: list[ShapeObject]) -> dict[str, list[Question]]
         add("name", "name", shape)
         add("instruct", "instruct_name", shape)
         add("instruct", "instruct_count", NUMBER_WORDS[len(objects)])
-    if len(objects) == 1:
-        add("grey", "grey", YES_NO[0] if objects[0].colour == GREY else YES_NO[1])
+    if len(colours) == 1:  # every shape the same colour
+        (colour,) = colours
+        add("tint", "tint", f"màu {colour}")
     return out
 
 
@@ -384,7 +388,7 @@ def pretraining_texts() -> list[str]:
         "name": [{}],
         "instruct_count": [{}],
         "instruct_name": [{}],
-        "grey": [{}],
+        "tint": [{}],
     }
     texts = [
         template.format(**values)
@@ -418,17 +422,12 @@ def _pick(
     return rng.choice([c for c in candidates if score(c) == best])
 
 
-def _colour(rng: random.Random, hues: list[str], grey_share: float = GREY_SHARE) -> str:
-    """Grey with probability ``grey_share``, else one of ``hues``."""
-    return GREY if rng.random() < grey_share else rng.choice(hues)
-
-
 def _palette(rng: random.Random) -> tuple[list[str], list[str]]:
-    """Shapes and hues to draw from: half the scenes use only 1-2 of each, so that counts
+    """Shapes and colours to draw from: half the scenes use only 1-2 of each, so that counts
     of one shape or colour up to five occur as often as small ones."""
     if rng.random() < 0.5:
-        return list(SHAPES), list(HUES)
-    return rng.sample(SHAPES, rng.choice((1, 2))), rng.sample(HUES, rng.choice((1, 2)))
+        return list(SHAPES), list(COLOURS)
+    return rng.sample(SHAPES, rng.choice((1, 2))), rng.sample(COLOURS, rng.choice((1, 2)))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -459,13 +458,11 @@ def _csv_bytes(rows: list[tuple[Question, int]], first_id: int = 0) -> bytes:
 def _subsets_bytes(splits: dict[str, list[tuple[Question, int]]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["split", "id", "kind", "needs_colour", "blind_words", "subset"])
+    writer.writerow(["split", "id", "kind", "names_twin", "blind_words", "subset"])
     first_id = 0
     for split, rows in splits.items():
         for index, (q, _) in enumerate(rows, start=first_id):
-            writer.writerow(
-                [split, index, q.kind, int(q.needs_colour), int(q.blind_words), q.subset]
-            )
+            writer.writerow([split, index, q.kind, int(q.names_twin), int(q.blind_words), q.subset])
         first_id += len(rows)  # the ids of _csv_bytes: each split counts on from the last
     return buffer.getvalue().encode("utf-8")
 
@@ -544,13 +541,11 @@ def generate(
         img_id = len(per_image)
         shapes, colours = _palette(rng)
         count = 1 if rng.random() < SINGLE_OBJECT_SHARE else rng.randint(2, MAX_OBJECTS)
-        # A single shape is grey half the time, so that "is the shape grey?" is balanced.
-        grey_share = 0.5 if count == 1 else GREY_SHARE
         image, objects = _scene(
             rng,
             size,
             [rng.choice(shapes) for _ in range(count)],
-            [_colour(rng, colours, grey_share) for _ in range(count)],
+            [rng.choice(colours) for _ in range(count)],
         )
         candidates = candidate_questions(objects)
         available = [kind for kind in KINDS if candidates[kind]]
