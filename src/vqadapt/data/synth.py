@@ -174,10 +174,15 @@ class Question:
         return self.kind == "instruct"
 
     @property
+    def counts(self) -> bool:
+        """Whether the answer is a number (an ``instruct`` question: the counting one)."""
+        return self.answer in NUMBER_WORDS
+
+    @property
     def type_code(self) -> int:
         """The ViVQA type (0 object, 1 number, 2 colour, 3 location)."""
         if self.kind == "instruct":
-            return 1 if self.answer in NUMBER_WORDS else 0
+            return 1 if self.counts else 0
         return TYPE_CODE[self.kind]
 
     @property
@@ -560,7 +565,7 @@ def generate(
                 # Count or name by a coin flip, never by the image: the image must not tell
                 # which of the two (indistinguishable to the frozen encoder) was asked.
                 counting = rng.random() < 0.5
-                options = [q for q in options if (q.answer in NUMBER_WORDS) == counting]
+                options = [q for q in options if q.counts == counting]
             question = _pick(rng, options, answer_counts[kind], question_counts)
             answer_counts[kind][question.answer] += 1
             question_counts[question.question][question.answer] += 1
