@@ -210,6 +210,36 @@ def test_one_seed_decides_over_questions_but_not_over_seeds(tmp_path: Path) -> N
     assert claims["lora_more_stable"]["verdict"] == "inconclusive"
     assert claims["lora_more_stable"]["verdict_questions"] is None
     assert "needs at least 2" in claims["lora_more_stable"]["evidence"]
+    assert claims["lora_more_stable"]["open_because"].startswith("seeds: it is decided over seeds")
+    assert claims["lora16_beats_unfreeze3"]["open_because"] is None  # decisive: nothing open
+
+
+def test_report_says_why_a_claim_stays_open(tmp_path: Path) -> None:
+    """Where no cell overfits, the overfitting claims are open for that reason, not for power."""
+    from dataclasses import replace
+
+    calm = [replace(spec, overfit_from=None, gap=0.3) for spec in DEFAULT_EXPERIMENTS]
+    study_dir = build_fake_study(tmp_path / "study", experiments=calm, failed=())
+    study = load_study(study_dir)
+    claims = {
+        c["id"]: c for c in check_claims(study, load_hypotheses(HYPOTHESES), results_table(study))
+    }
+    for claim_id, names in [
+        ("r32_overfits_vs_r16", "lora_r32 or lora_r16"),
+        ("lora_delays_overfitting", "lora_r8 or lora_r16 or lora_r32 or unfreeze3"),
+    ]:
+        assert claims[claim_id]["verdict"] == "inconclusive"
+        assert claims[claim_id]["open_because"].startswith(
+            f"cells that overfit: no run of {names} does"
+        )
+    # the same claims in the default fake study, whose cells overfit: open only for power
+    overfitting = load_study(build_fake_study(tmp_path / "overfit", failed=()))
+    for claim in check_claims(overfitting, load_hypotheses(HYPOTHESES), results_table(overfitting)):
+        assert "cells that overfit" not in (claim["open_because"] or "")
+    markdown = write_report(study_dir, tmp_path / "report", HYPOTHESES)["report.md"]
+    text = markdown.read_text(encoding="utf-8")
+    assert "What a verdict on each open claim would need:" in text
+    assert "- LoRA r=32 overfits relative to r=16: cells that overfit: no run of lora_r32" in text
 
 
 def test_generalisation_gap_comparison(study_dir: Path) -> None:

@@ -251,6 +251,23 @@ def _member(
     }
 
 
+def _open_because(study: Study, claim: dict, names: list[str]) -> str:
+    """Why an inconclusive claim stayed open in this study: what a verdict would need."""
+    rule = claim["rule"]
+    if rule == "more_stable" and len(study.seeds) < 2:
+        return (
+            "seeds: it is decided over seeds only (no per-question measure), and the study has one"
+        )
+    if rule in ("overfits_more", "later_onset"):
+        runs = [run for name in names for run in study.experiment(name).ok_runs]
+        if runs and all(run_stats(run)["onset"] is None for run in runs):
+            return (
+                f"cells that overfit: no run of {' or '.join(names)} does (validation loss never "
+                "rose for 2 epochs while training loss fell), so there is no overfitting to compare"
+            )
+    return "more power: the difference is below the minimum detectable effect (more seeds or questions)"
+
+
 def check_claims(
     study: Study, hypotheses: dict, table: list[dict], n_boot: int = 10_000
 ) -> list[dict]:
@@ -259,6 +276,8 @@ def check_claims(
     Each claim gets ``verdict_questions`` (paired bootstrap over questions; ``None`` for a
     rule without a per-question measure), ``verdict_seeds`` (paired t-test over seeds) and
     the headline ``verdict``: the one over questions where there is one, else over seeds.
+    ``open_because`` says, for an inconclusive claim, what a verdict would need (seeds,
+    cells that overfit, or more power); None for a decisive one.
     ``inconclusive (not run)`` when the claim names an experiment the study lacks. A claim
     over several experiments (a list in ``a``) is supported when it is for every one of
     them, and not supported when it is not for any one.
@@ -281,6 +300,7 @@ def check_claims(
                     "verdict_questions": verdict,
                     "verdict_seeds": verdict,
                     "evidence": f"not run: {', '.join(absent)}.",
+                    "open_because": f"runs of {', '.join(absent)}, which the study lacks",
                 }
             )
             continue
@@ -292,6 +312,7 @@ def check_claims(
                     "verdict_questions": INCONCLUSIVE,
                     "verdict_seeds": INCONCLUSIVE,
                     "evidence": f"no successful runs: {', '.join(empty)}.",
+                    "open_because": f"successful runs of {', '.join(empty)}",
                 }
             )
             continue
@@ -300,10 +321,14 @@ def check_claims(
         if all(part["questions"] is not None for part in parts):
             over_questions = _combine([part["questions"] for part in parts])
         over_seeds = _combine([part["seeds"] for part in parts])
+        verdict = over_questions if over_questions is not None else over_seeds
         verdicts.append(
             {
                 **base,
-                "verdict": over_questions if over_questions is not None else over_seeds,
+                "verdict": verdict,
+                "open_because": (
+                    _open_because(study, claim, names) if verdict == INCONCLUSIVE else None
+                ),
                 "verdict_questions": over_questions,
                 "verdict_seeds": over_seeds,
                 "evidence": " ".join(part["evidence"] for part in parts),

@@ -291,6 +291,10 @@ def hypotheses(
             "trained models; only the verdicts over seeds include training noise."
         )
     )
+    still_open = [c for c in claims if c.get("open_because")]
+    if still_open:
+        blocks.append(Para("What a verdict on each open claim would need:"))
+        blocks.append(Bullets([f"{c['text']}: {c['open_because']}." for c in still_open]))
     return blocks
 
 
