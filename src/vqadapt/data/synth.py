@@ -4,9 +4,9 @@ a benchmark of positive controls for the adaptation strategies.
 Each image shows 1-4 non-overlapping shapes on a light, slightly noisy background
 (``SINGLE_OBJECT_SHARE`` of them a single shape), each in one of six colours. A question is only
 asked when its referent is unique in the image and its answer is unambiguous (locations keep a
-margin from the thirds' borders). Among the valid questions of a kind, the generator prefers answers it has
-produced least so far, so answers are roughly balanced within each kind and the question alone
-says little about the answer.
+margin from the thirds' borders). Among the valid questions of a kind, the generator prefers
+answers it has produced least so far, so answers are roughly balanced within each kind and the
+question alone says little about the answer.
 
 Two shifts are built in, each a positive control for one tower (README: the embedded
 benchmark). Each tiny backbone is pretrained without something that some questions need: it
@@ -494,9 +494,10 @@ Same seed and settings give byte-identical files.
 - `train.csv`: {summary["train"]} questions on {summary["train_images"]} images
 - `test.csv`: {summary["test"]} questions on {summary["test_images"]} images (split by image)
 - `images/<img_id>.png`: {summary["images"]} images
-- `subsets.csv`: each question's kind, whether it is about a colour, whether it holds one of
+- `subsets.csv`: each question's kind, whether it or its answer names a colour the frozen
+  vision tower confuses with its twin ({", ".join(TWINS)}), whether it holds one of
   {", ".join(BLIND_WORDS)} (an instruction: "hãy đếm số ...", "hãy gọi tên ..."), and its
-  control subset (vision_shift: about a colour; text_shift: an instruction; in_domain: the rest)
+  control subset (vision_shift: a twin colour; text_shift: an instruction; in_domain: the rest)
 - questions per kind: {per_kind}
 - test questions per control subset: {per_subset}
 - distinct answers: {summary["answers"]}
