@@ -236,6 +236,14 @@ def test_report_says_why_a_claim_stays_open(tmp_path: Path) -> None:
     overfitting = load_study(build_fake_study(tmp_path / "overfit", failed=()))
     for claim in check_claims(overfitting, load_hypotheses(HYPOTHESES), results_table(overfitting)):
         assert "cells that overfit" not in (claim["open_because"] or "")
+    # stability over seeds alike: open for want of seeds, not of questions
+    alike = [replace(spec, loss_std=0.2) for spec in DEFAULT_EXPERIMENTS]
+    steady = load_study(build_fake_study(tmp_path / "alike", experiments=alike, failed=()))
+    stable = {
+        c["id"]: c for c in check_claims(steady, load_hypotheses(HYPOTHESES), results_table(steady))
+    }
+    assert stable["lora_more_stable"]["verdict"] == "inconclusive"
+    assert stable["lora_more_stable"]["open_because"].startswith("more seeds: ")
     markdown = write_report(study_dir, tmp_path / "report", HYPOTHESES)["report.md"]
     text = markdown.read_text(encoding="utf-8")
     assert "What a verdict on each open claim would need:" in text

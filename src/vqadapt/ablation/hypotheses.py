@@ -254,9 +254,14 @@ def _member(
 def _open_because(study: Study, claim: dict, names: list[str]) -> str:
     """Why an inconclusive claim stayed open in this study: what a verdict would need."""
     rule = claim["rule"]
-    if rule == "more_stable" and len(study.seeds) < 2:
+    if rule == "more_stable":
+        if len(study.seeds) < 2:
+            return (
+                "seeds: it is decided over seeds only (no per-question measure), and the study "
+                "has one"
+            )
         return (
-            "seeds: it is decided over seeds only (no per-question measure), and the study has one"
+            "more seeds: it is decided over seeds only, and their differences are not significant"
         )
     if rule in ("overfits_more", "later_onset"):
         runs = [run for name in names for run in study.experiment(name).ok_runs]
