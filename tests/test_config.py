@@ -111,6 +111,7 @@ RANGES: dict[str, tuple[list[object], list[object]]] = {
     "decoder_lora_dropout": ([1, 2, NAN], [0, 0.05]),
     "epochs": ([0, -1], [1, HUGE]),
     "batch_size": ([0, -1], [1, 4096]),
+    "epoch_repeats": ([0, -1, 1.5], [1, 10]),
     "eval_batch_size": ([0, -1], [1]),
     "gradient_accumulation_steps": ([0, -1], [1, 16]),
     "lr": ([0, -1e-3, NAN, INF, -INF, 1e400], [1e-5, "1e-3", 1, 10]),

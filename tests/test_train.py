@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,6 +49,7 @@ METRIC_KEYS = {
     "peak_rss_mib",
     "seconds",
     "samples_per_s",
+    "step_losses",
 }
 LAYER_KEYS = [f"text_encoder.{i}" for i in range(12)]
 
@@ -153,6 +155,11 @@ def test_run_directory_is_complete(finished_run: Run) -> None:
         assert list(row["grad_norm_layers"]) == LAYER_KEYS
         assert all(math.isfinite(row[key]) for key in ("train_loss", "val_loss", "lr"))
         assert row["grad_norm_max"] >= max(row["grad_norm"].values())
+        # every step's loss, in order: the epoch's mean and std are theirs
+        batches = math.ceil(run.summary()["data"]["train"] / run.config.train.batch_size)
+        assert len(row["step_losses"]) == batches
+        assert row["train_loss"] == pytest.approx(np.mean(row["step_losses"]), abs=1e-6)
+        assert row["train_loss_std"] == pytest.approx(np.std(row["step_losses"]), abs=1e-6)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns
 
     summary = run.summary()
@@ -531,6 +538,38 @@ def test_length_grouped_batches_cover_every_question_once_with_less_padding() ->
     assert grouped == length_grouped_batches(lengths, 16, seed=0, epoch=1)  # resumable
     assert grouped != length_grouped_batches(lengths, 16, seed=0, epoch=2)
     assert padding(grouped) < 0.2 * padding(epoch_batches(1000, 16, seed=0, epoch=1))
+
+
+def test_epoch_repeats_pass_several_times_over_the_questions() -> None:
+    """An epoch of ``repeats`` passes: each pass shows every question once, the stream is cut
+    into batches as one (so 10 passes over 400 questions make 125 batches of 32, as one pass
+    over 4,000 does), it depends on (seed, epoch) only, and one pass is the plain shuffle."""
+    from vqadapt.train import epoch_batches, length_grouped_batches
+
+    once = epoch_batches(400, 32, seed=0, epoch=1)
+    tenfold = epoch_batches(400, 32, seed=0, epoch=1, repeats=10)
+    assert len(once) == 13 and len(tenfold) == 125 == len(epoch_batches(4000, 32, 0, 1))
+    order = [i for batch in tenfold for i in batch]
+    assert [sorted(order[k * 400 : (k + 1) * 400]) for k in range(10)] == [list(range(400))] * 10
+    assert order[:400] == [i for batch in once for i in batch]  # its first pass: the shuffle
+    assert order[:400] != order[400:800]  # each pass freshly shuffled
+    assert tenfold == epoch_batches(400, 32, seed=0, epoch=1, repeats=10)  # resumable
+    lengths = [3 + i % 17 for i in range(100)]
+    grouped = length_grouped_batches(lengths, 8, seed=0, epoch=1, repeats=3)
+    assert sorted(i for batch in grouped for i in batch) == sorted(list(range(100)) * 3)
+
+
+def test_epoch_repeats_train_as_many_steps_per_epoch(vqa_env, tmp_path: Path) -> None:
+    """``--epoch_repeats 3`` on 16 questions in batches of 8: 6 optimizer steps per epoch, and
+    the epoch's throughput counts the 48 questions it saw."""
+    out = tmp_path / "repeats"
+    run = run_training(vqa_env, out, *SMALL, "--epochs", "2", "--epoch_repeats", "3")
+    assert run.result["status"] == "success"
+    state = torch.load(out / "last" / "training_state.pt", weights_only=False)
+    assert state["loop"]["step"] == 2 * 6 and state["loop"]["epoch"] == 2
+    assert state["scheduler"]["last_epoch"] == 12
+    seen = [row["samples_per_s"] * row["seconds"] for row in run.metrics()]
+    assert seen == pytest.approx([48, 48])
 
 
 def test_group_by_length_trains(vqa_env, tmp_path) -> None:

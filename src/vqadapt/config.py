@@ -279,6 +279,13 @@ class TrainConfig:
         "Shuffled windows of 50 batches are sorted by length, then the batches are shuffled: "
         "still random, not iid.",
     )
+    epoch_repeats: int = option(
+        1,
+        "Passes over the training questions per epoch, each freshly shuffled: a small "
+        "training set (--max_train_samples) then trains as many steps per epoch as a larger "
+        "one and is validated as often (the ablation's train_fractions at equal steps).",
+        POSITIVE,
+    )
     eval_batch_size: int = option(128, "Questions per evaluation batch.", POSITIVE)
     gradient_accumulation_steps: int = option(1, "Micro-batches per step.", POSITIVE)
     lr: float = option(1e-3, "Peak learning rate (AdamW).", POSITIVE)

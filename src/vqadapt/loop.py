@@ -34,21 +34,34 @@ TOWERS = ("vision", "projector", "text_encoder", "text_decoder")
 
 
 # -- batches --------------------------------------------------------------------------------
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch: a function of (seed, epoch) only, so resume is exact."""
+def epoch_order(n: int, generator: torch.Generator, repeats: int = 1) -> list[int]:
+    """``repeats`` shuffled passes over ``n`` questions, one after the other: each pass shows
+    every question once (one pass: the plain shuffle of an epoch)."""
+    order: list[int] = []
+    for _ in range(repeats):
+        order += torch.randperm(n, generator=generator).tolist()
+    return order
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, repeats: int = 1
+) -> list[list[int]]:
+    """The shuffled batches of one epoch (``repeats`` passes over the training questions, cut
+    into batches as one stream): a function of (seed, epoch) only, so resume is exact."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    order = epoch_order(n, generator, repeats)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def length_grouped_batches(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50
+    lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50, repeats: int = 1
 ) -> list[list[int]]:
     """Batches of similar lengths (``--group_by_length``), a function of (seed, epoch) only:
-    the epoch's shuffled order is cut into windows of ``window`` batches, each window sorted by
-    length (longest first) and cut into batches, and the batches are shuffled."""
+    the epoch's shuffled order (``repeats`` passes) is cut into windows of ``window`` batches,
+    each window sorted by length (longest first) and cut into batches, and the batches are
+    shuffled."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = epoch_order(len(lengths), generator, repeats)
     span = window * batch_size
     batches = []
     for start in range(0, len(order), span):
@@ -357,14 +370,17 @@ class LossLog:
         recent = [v for v in torch.stack(self.values[-count:]).tolist() if math.isfinite(v)]
         return float(np.mean(recent)) if recent else float("nan")
 
-    def summary(self) -> tuple[float, float]:
-        """Mean and standard deviation of the epoch's finite step losses."""
+    def summary(self) -> tuple[float, float, list[float | None]]:
+        """Mean and standard deviation of the epoch's finite step losses, and every step
+        loss in order (rounded to 6 decimals; ``None`` for a non-finite one)."""
         if not self.values:
-            return float("nan"), float("nan")
-        finite = [v for v in torch.stack(self.values).tolist() if math.isfinite(v)]
+            return float("nan"), float("nan"), []
+        every = torch.stack(self.values).tolist()  # the epoch's one read
+        steps = [round(v, 6) if math.isfinite(v) else None for v in every]
+        finite = [v for v in every if math.isfinite(v)]
         if not finite:
-            return float("nan"), float("nan")
-        return float(np.mean(finite)), float(np.std(finite))
+            return float("nan"), float("nan"), steps
+        return float(np.mean(finite)), float(np.std(finite)), steps
 
 
 def explain_failure(

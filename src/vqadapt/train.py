@@ -288,8 +288,10 @@ def prepare_fit(config: RunConfig, setup: Setup, runtime: Runtime) -> Fit:
         torch.manual_seed(t.seed + 1_000_003 * runtime.rank)
     vision_lr = t.vision_lr if t.vision_lr is not None else default_vision_lr(config)
     optimizer = make_optimizer(setup.model, t.lr, vision_lr, t.weight_decay)
-    n_train = len(setup.data.encoded["train"])
-    steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+    samples_per_epoch = len(setup.data.encoded["train"]) * t.epoch_repeats
+    steps_per_epoch = math.ceil(
+        math.ceil(samples_per_epoch / t.batch_size) / t.gradient_accumulation_steps
+    )
     total_steps = steps_per_epoch * t.epochs
     scheduler = get_scheduler(
         "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
@@ -365,9 +367,11 @@ def train_epoch(
         encoded = setup.data.encoded["train"]
         pairs = zip(encoded.input_ids, encoded.label_ids, strict=True)
         lengths = [len(question) + len(answer) for question, answer in pairs]
-        batches = length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
+        batches = length_grouped_batches(
+            lengths, t.batch_size, t.seed, epoch, repeats=t.epoch_repeats
+        )
     else:
-        batches = epoch_batches(n_train, t.batch_size, t.seed, epoch)
+        batches = epoch_batches(n_train, t.batch_size, t.seed, epoch, t.epoch_repeats)
     shares = [process_share(indices, runtime.rank, runtime.world) for indices in batches]
     # A process whose share is empty (a last batch smaller than the number of processes)
     # still runs a step, on weight 0, so that the gradient all-reduce meets. The loader's
@@ -414,16 +418,17 @@ def train_epoch(
                 }
                 accelerator.log(values, step=state.step)
     fit.step.check(epoch, str(run.last), state.epoch)
-    mean, std = losses.summary()
+    mean, std, step_losses = losses.summary()
     return {
         "train_loss": mean,
         "train_loss_std": std,
+        "step_losses": step_losses,  # per micro-batch, for stability compared step by step
         **fit.meter.epoch_record(),
         "skipped_steps": fit.step.skipped_steps(),
         "train_seconds": time.perf_counter() - started,  # training only (after the reads above)
         **peak_memory(runtime),
         "started": started,
-        "n_train": n_train,
+        "n_train": n_train * t.epoch_repeats,  # questions seen this epoch
     }
 
 
@@ -440,6 +445,7 @@ def epoch_record(epoch: int, train_part: dict[str, Any], val: dict[str, Any], fi
     """One line of metrics.jsonl; its seconds are the epoch's training and validation."""
     seconds = time.perf_counter() - train_part.pop("started")
     samples_per_s = train_part.pop("n_train") / seconds
+    step_losses = train_part.pop("step_losses")
     return {
         "epoch": epoch,
         "train_loss": train_part.pop("train_loss"),
@@ -452,6 +458,7 @@ def epoch_record(epoch: int, train_part: dict[str, Any], val: dict[str, Any], fi
         **train_part,
         "seconds": seconds,
         "samples_per_s": samples_per_s,
+        "step_losses": step_losses,  # last: the one long field of the line
     }
 
 
