@@ -231,7 +231,7 @@ def _scores(rows: list[dict]) -> dict:
     return {"em": em, "f1": f1, "f1_set": f1, "n": len(rows)}
 
 
-def _question_losses(spec: FakeExperiment, n_questions: int, seed: int) -> dict:
+def question_losses(spec: FakeExperiment, n_questions: int, seed: int) -> dict:
     """Per-question losses of the final model: training questions around 0.2, held-out
     ones ``spec.gap`` higher (the same per-question difficulty for every experiment)."""
     rng = np.random.default_rng(99)
@@ -245,6 +245,19 @@ def _question_losses(spec: FakeExperiment, n_questions: int, seed: int) -> dict:
     }
 
 
+def step_losses(spec: FakeExperiment, seed: int, epoch: int, mean: float, steps: int = 50):
+    """One epoch's step losses: the same batches for every experiment of a seed (a shared
+    difficulty per step) plus a little of the experiment's own, scaled so that their standard
+    deviation is the experiment's ``loss_std`` (as ``train_loss_std`` says)."""
+    shared = np.random.default_rng([200 + seed, epoch]).standard_normal(steps)
+    own = np.random.default_rng([300 + seed, epoch, sum(map(ord, spec.name))]).standard_normal(
+        steps
+    )
+    z = shared + 0.3 * own
+    z = (z - z.mean()) / z.std()
+    return [round(mean + spec.loss_std * (1 + 0.02 * seed) * float(v), 6) for v in z]
+
+
 def write_cell(
     cell: Path,
     spec: FakeExperiment,
@@ -254,8 +267,10 @@ def write_cell(
     data_dir: Path | None = None,
     train_questions: int = 4000,
     em_scale: float = 1.0,
+    with_step_losses: bool = False,
 ) -> None:
-    """Write one successful run directory for ``spec`` and ``seed``."""
+    """Write one successful run directory for ``spec`` and ``seed`` (``with_step_losses``:
+    metrics.jsonl keeps each epoch's step losses, as runs of vqadapt do since they were kept)."""
     train, val = _curves(spec, epochs, seed)
     layer_grads = _layer_grads(spec)
     encoder_grad = float(np.sqrt(sum(v**2 for v in layer_grads.values())))
@@ -284,6 +299,8 @@ def write_cell(
                 "seconds": 30.0,
             }
         )
+        if with_step_losses:
+            metrics[-1]["step_losses"] = step_losses(spec, seed, epoch, train[epoch - 1])
     predictions = _predictions(spec, n_questions, seed, em_scale)
     per_type = {
         qtype: _scores([p for p in predictions if p["type"] == qtype]) for qtype in QUESTION_TYPES
@@ -335,7 +352,7 @@ def write_cell(
     _write_jsonl(cell / "metrics.jsonl", metrics)
     _write_json(cell / "summary.json", summary)
     _write_jsonl(cell / "predictions_test.jsonl", predictions)
-    _write_json(cell / "question_losses.json", _question_losses(spec, n_questions, seed))
+    _write_json(cell / "question_losses.json", question_losses(spec, n_questions, seed))
     _write_json(
         cell / "resources.json",
         {"peak_rss_mb": 800.0 + spec.text_trainable / 1e6, "process_seconds": 200.0},
@@ -363,10 +380,12 @@ def build_fake_study(
     epochs: int = 6,
     synthetic: bool = True,
     fractions: tuple[float, ...] = (1.0,),
+    with_step_losses: bool = False,
 ) -> Path:
     """Write ``study.json`` and one cell per experiment, seed and training fraction (the
     smaller fractions with proportionally fewer questions and lower EM); ``failed`` cells
-    (main fraction) fail. A synthetic study also gets ``data/subsets.csv``."""
+    (main fraction) fail. A synthetic study also gets ``data/subsets.csv``; its cells keep
+    their step losses with ``with_step_losses``."""
     experiments = DEFAULT_EXPERIMENTS if experiments is None else experiments
     root = Path(root)
     data_dir = root / "data"
@@ -406,6 +425,7 @@ def build_fake_study(
                     data_dir,
                     int(4000 * fraction),
                     em_scale=0.5 + 0.5 * fraction,
+                    with_step_losses=with_step_losses,
                 )
             cell = root / spec.name / f"seed{seed}"
             if (spec.name, seed) in failed:
@@ -419,5 +439,8 @@ def build_fake_study(
                     },
                 )
             else:
-                write_cell(cell, spec, seed, epochs, n_questions, data_dir)
+                write_cell(
+                    cell, spec, seed, epochs, n_questions, data_dir,
+                    with_step_losses=with_step_losses,
+                )  # fmt: skip
     return root

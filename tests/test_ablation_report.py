@@ -105,7 +105,7 @@ def test_hypothesis_verdicts_follow_the_fake_data(report: dict[str, Path]) -> No
         ),
         "LoRA trains more stably than unfreezing 3 layers": (
             "supported",
-            "no per-question measure",
+            "no per-question or per-step measure",
             "supported",
         ),
     }
@@ -210,7 +210,9 @@ def test_one_seed_decides_over_questions_but_not_over_seeds(tmp_path: Path) -> N
     assert claims["lora_more_stable"]["verdict"] == "inconclusive"
     assert claims["lora_more_stable"]["verdict_questions"] is None
     assert "needs at least 2" in claims["lora_more_stable"]["evidence"]
-    assert claims["lora_more_stable"]["open_because"].startswith("seeds: it is decided over seeds")
+    assert claims["lora_more_stable"]["open_because"].startswith(
+        "seeds: with no step losses to compare"
+    )
     assert claims["lora16_beats_unfreeze3"]["open_because"] is None  # decisive: nothing open
 
 
@@ -248,6 +250,87 @@ def test_report_says_why_a_claim_stays_open(tmp_path: Path) -> None:
     text = markdown.read_text(encoding="utf-8")
     assert "What a verdict on each open claim would need:" in text
     assert "- LoRA r=32 overfits relative to r=16: cells that overfit: no run of lora_r32" in text
+
+
+def test_a_claim_is_tested_at_the_training_fraction_it_names(tmp_path: Path) -> None:
+    """The overfitting claims name ``fraction: smallest``: their verdicts come from the
+    smallest fraction's cells (where lora_r32's gap is made larger here), and the evidence
+    says where; other claims stay at the main fraction; a fraction the study lacks is not
+    run; a fraction that is no fraction is refused."""
+    from dataclasses import replace
+
+    from fake_study import question_losses
+
+    calm = [replace(spec, overfit_from=None, gap=0.3) for spec in DEFAULT_EXPERIMENTS]
+    study_dir = build_fake_study(tmp_path / "study", calm, failed=(), fractions=(0.1, 1.0))
+    r32 = replace(next(spec for spec in calm if spec.name == "lora_r32"), gap=0.6)
+    for seed in (0, 1):
+        losses = study_dir / "lora_r32" / "train0.1" / f"seed{seed}" / "question_losses.json"
+        losses.write_text(json.dumps(question_losses(r32, 40, seed)), encoding="utf-8")
+    manifest = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
+    manifest["fraction_budget"] = "steps"
+    (study_dir / "study.json").write_text(json.dumps(manifest), encoding="utf-8")
+    study = load_study(study_dir)
+    hypotheses = load_hypotheses(HYPOTHESES)
+
+    def claims(hypotheses: dict) -> dict[str, dict]:
+        return {c["id"]: c for c in check_claims(study, hypotheses, results_table(study))}
+
+    found = claims(hypotheses)
+    assert found["r32_overfits_vs_r16"]["fraction"] == 0.1
+    assert found["r32_overfits_vs_r16"]["verdict"] == "supported"
+    assert found["r32_overfits_vs_r16"]["evidence"].startswith(
+        "Tested at training fraction 0.1 (400 training questions, about as many steps as the "
+        "full set): generalisation gap"
+    )
+    assert found["lora16_beats_unfreeze3"]["fraction"] == 1.0
+    assert not found["lora16_beats_unfreeze3"]["evidence"].startswith("Tested")
+    # the same claim at the main fraction, where every gap is 0.3: inconclusive
+    r32_claim = next(c for c in hypotheses["claims"] if c["id"] == "r32_overfits_vs_r16")
+    r32_claim["fraction"] = "largest"
+    assert claims(hypotheses)["r32_overfits_vs_r16"]["verdict"] == "inconclusive"
+    r32_claim["fraction"] = 0.3
+    missing = claims(hypotheses)["r32_overfits_vs_r16"]
+    assert missing["verdict"] == "inconclusive (not run)"
+    assert missing["open_because"] == "cells at training fraction 0.3 (--train_fractions)"
+    text = HYPOTHESES.read_text(encoding="utf-8").replace("fraction: smallest", "fraction: 3", 1)
+    (tmp_path / "bad.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(VQADataError, match="fraction must be smallest, largest or a training"):
+        load_hypotheses(tmp_path / "bad.yaml")
+
+
+def test_stability_is_compared_step_by_step_when_runs_keep_their_step_losses(
+    tmp_path: Path,
+) -> None:
+    """With step losses (same batches per seed) one seed decides the stability claim: every
+    LoRA cell's loss_std (0.12-0.15) is below unfreeze3's (0.30), step by step; cells that are
+    equally stable stay open for power, not for seeds."""
+    from dataclasses import replace
+
+    study = load_study(
+        build_fake_study(tmp_path / "steps", seeds=(0,), failed=(), with_step_losses=True)
+    )
+    claims = {
+        c["id"]: c for c in check_claims(study, load_hypotheses(HYPOTHESES), results_table(study))
+    }
+    stable = claims["lora_more_stable"]
+    assert stable["verdict"] == stable["verdict_questions"] == "supported"
+    assert stable["evidence"].startswith(
+        "over steps: loss_std lora_r8 0.1500 vs unfreeze3 0.3000 on the same 300 batches, "
+        "unfreeze3 minus lora_r8 +0.1500 (95% CI"
+    )
+    assert "one seed: no test" in stable["evidence"] and 0 < min(stable["mde"]) < 0.15
+    alike = [replace(spec, loss_std=0.2) for spec in DEFAULT_EXPERIMENTS]
+    steady = load_study(
+        build_fake_study(tmp_path / "alike", alike, seeds=(0,), failed=(), with_step_losses=True)
+    )
+    claims = {
+        c["id"]: c for c in check_claims(steady, load_hypotheses(HYPOTHESES), results_table(steady))
+    }
+    assert claims["lora_more_stable"]["verdict"] == "inconclusive"
+    assert claims["lora_more_stable"]["open_because"].startswith(
+        "more power: the difference is below the minimum detectable effect over steps"
+    )
 
 
 def test_generalisation_gap_comparison(study_dir: Path) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vqadapt.ablation.runner import load_preset
@@ -236,17 +237,57 @@ def test_jobs_must_be_positive(tmp_path: Path, vqa_env) -> None:
     assert not (tmp_path / "s").exists()
 
 
+def test_a_steps_budget_repeats_the_smaller_fractions(tmp_path: Path, vqa_env) -> None:
+    """``fraction_budget: steps`` gives each smaller fraction the passes per epoch that make
+    about as many steps as the largest; ``epochs`` (the default) leaves them at one pass."""
+    from vqadapt.ablation.runner import cell_config, fraction_settings
+
+    preset = load_preset(str(write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])))  # 48 questions
+    preset.train_fractions = [0.25, 0.5, 1.0]
+    assert preset.fraction_budget == "epochs"
+    assert fraction_settings(preset, {}, print) == {
+        0.25: {"max_train_samples": 12},
+        0.5: {"max_train_samples": 24},
+        1.0: {},
+    }
+    preset.fraction_budget = "steps"
+    settings = fraction_settings(preset, {}, print)
+    assert settings == {
+        0.25: {"max_train_samples": 12, "epoch_repeats": 4},
+        0.5: {"max_train_samples": 24, "epoch_repeats": 2},
+        1.0: {},
+    }
+    cell = cell_config(preset, preset.experiments[0], 0, tmp_path / "cell", {}, settings[0.25])
+    assert (cell.data.max_train_samples, cell.train.epoch_repeats) == (12, 4)
+    # a base that repeats already: the fractions repeat that many times more
+    assert fraction_settings(preset, {"epoch_repeats": 2}, print)[0.5]["epoch_repeats"] == 4
+    quick = load_preset("quick")
+    assert (quick.train_fractions, quick.fraction_budget) == ([0.1, 1.0], "steps")
+    data = yaml.safe_load((tmp_path / "p.yaml").read_text(encoding="utf-8"))
+    data["fraction_budget"] = "tokens"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(VQAConfigError, match="fraction_budget must be one of epochs, steps"):
+        load_preset(str(tmp_path / "bad.yaml"))
+
+
 def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_env) -> None:
-    """--train_fractions adds cells on the first share of the training questions; every cell
-    records its process's peak memory and the final model's per-question losses."""
+    """--train_fractions adds cells on the first share of the training questions (here at
+    about equal steps); every cell records its process's peak memory and the final model's
+    per-question losses."""
     preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
     out = tmp_path / "study"
-    result = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
+    fractions = ("--train_fractions", "0.5", "1", "--fraction_budget", "steps")
+    result = ablate("--preset", str(preset), "--out", str(out), *fractions)
     assert result.returncode == 0, result.stdout + result.stderr
     main, half = out / "baseline" / "seed0", out / "baseline" / "train0.5" / "seed0"
     assert status(main) == "success" and status(half) == "success"
     sizes = [json.loads((c / "summary.json").read_text())["data"]["train"] for c in (main, half)]
     assert sizes == [48, 24]  # max_train_samples 48, and half of it
+    steps = [
+        torch.load(c / "last" / "training_state.pt", weights_only=False)["loop"]["step"]
+        for c in (main, half)
+    ]
+    assert steps == [3, 3]  # 48 questions in batches of 16; 24 questions passed twice
     for cell in (main, half):
         resources = json.loads((cell / "resources.json").read_text())
         assert resources["peak_rss_mb"] > 50 and resources["process_seconds"] > 0
@@ -255,21 +296,28 @@ def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_en
         assert len(losses["test"]) == 16 and 0 < len(losses["train"]) <= 48
         assert all(value > 0 for value in losses["test"].values())
     study = json.loads((out / "study.json").read_text(encoding="utf-8"))
-    assert study["train_fractions"] == [0.5, 1.0]
+    assert study["train_fractions"] == [0.5, 1.0] and study["fraction_budget"] == "steps"
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Data efficiency" in report and "| 24 questions | 48 questions |" in report
+    assert "trained for about as many steps" in report
     # A study stopped between a cell's training and its probe: the rerun scores the questions
     # of the trained model, without training it again.
     (main / "question_losses.json").unlink()
     metrics = (main / "metrics.jsonl").read_text(encoding="utf-8")
-    rerun = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
+    rerun = ablate("--preset", str(preset), "--out", str(out), *fractions)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "scoring its questions" in rerun.stdout
     assert (main / "question_losses.json").is_file()
     assert (main / "metrics.jsonl").read_text(encoding="utf-8") == metrics
     # A rerun with another largest fraction would mix main studies: refused.
-    again = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5")
+    again = ablate(
+        "--preset", str(preset), "--out", str(out), "--train_fractions", "0.5",
+        "--fraction_budget", "steps",
+    )  # fmt: skip
     assert again.returncode == 2 and "largest training fraction" in again.stderr
+    # so would a rerun whose smaller fractions train at equal epochs instead of steps
+    other = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
+    assert other.returncode == 2 and "train at equal steps" in other.stderr
 
 
 def test_a_hand_run_lora_r8_is_the_study_s_lora_r8_cell(tmp_path) -> None:

@@ -203,3 +203,28 @@ def test_gap_difference_bootstrap_finds_a_larger_gap() -> None:
     assert result["p_value"] < 0.01 and result["ci"][0] > 0.1
     same = gap_difference_bootstrap(held, held, train_b, train_b, n_boot=2000)
     assert same["diff"] == 0.0 and same["p_value"] == 1.0
+
+
+def test_step_stability_bootstrap_pairs_runs_step_by_step() -> None:
+    """Two runs on the same batches: the one whose losses swing less around each epoch's mean
+    is the more stable, decided by a block bootstrap over steps; the observed loss_stds are
+    ``stability``'s (mean over epochs of the within-epoch std); a run against itself differs
+    by nothing; skipped steps drop out of both; epochs of other lengths do not pair."""
+    from vqadapt.ablation.stats import stability, step_stability_bootstrap
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(120) for _ in range(3)]  # shared batch difficulty
+    calm = [1.0 + 0.10 * b + 0.02 * rng.standard_normal(120) for b in batches]
+    rough = [1.0 + 0.12 * b + 0.02 * rng.standard_normal(120) for b in batches]
+    result = step_stability_bootstrap(calm, rough, n_boot=2000)
+    expected_a = stability([np.std(e) for e in calm], [1.0] * 3, [1.0] * 3)["loss_std"]
+    assert result["loss_std_a"] == pytest.approx(expected_a)
+    assert result["diff"] == pytest.approx(result["loss_std_b"] - result["loss_std_a"])
+    assert result["diff"] > 0 and result["ci"][0] > 0 and result["p_value"] < 0.01
+    assert result["steps"] == 360 and result["se"] > 0
+    same = step_stability_bootstrap(calm, calm, n_boot=500)
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    holed = [list(e) for e in rough]
+    holed[0][5] = math.nan
+    assert step_stability_bootstrap(calm, holed, n_boot=200)["steps"] == 359
+    assert step_stability_bootstrap(calm, [e[:-1] for e in rough], n_boot=200) is None

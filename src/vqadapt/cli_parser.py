@@ -299,6 +299,14 @@ def _add_ablate(sub: Subparsers) -> None:
         help="train every experiment on these shares of the training questions too (data "
         "efficiency), e.g. 0.1 0.3 1.0; the largest is the main study (default: the preset's)",
     )
+    ab.add_argument(
+        "--fraction_budget",
+        choices=("epochs", "steps"),
+        default=None,
+        help="a smaller training fraction trains the same epochs (fewer steps) or about the "
+        "same steps as the largest (each epoch passes several times over its questions; small "
+        "sets then overfit, which the overfitting claims need) (default: the preset's)",
+    )
 
 
 def _add_demo(sub: Subparsers) -> None:

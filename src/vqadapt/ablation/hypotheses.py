@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vqadapt.ablation import stats
 from vqadapt.ablation.comparisons import gap_comparison, paired_comparison
-from vqadapt.ablation.results import Study, run_stats
+from vqadapt.ablation.results import Study, results_table, run_stats
 from vqadapt.errors import VQADataError
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -41,7 +41,43 @@ def load_hypotheses(path: str | Path) -> dict:
             )
         if claim["rule"] != "best" and "b" not in claim:
             raise VQADataError(f"claim {claim['id']!r} has no 'b'", file=path, field="claims")
+        fraction = claim.get("fraction", "largest")
+        if fraction not in ("smallest", "largest") and (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0 < fraction <= 1
+        ):
+            raise VQADataError(
+                f"claim {claim['id']!r}: fraction must be smallest, largest or a training "
+                f"fraction in (0, 1], got {fraction!r}",
+                file=path,
+                field="claims",
+            )
     return data
+
+
+def claim_fraction(study: Study, claim: dict) -> float | None:
+    """The training fraction a claim is tested at (its ``fraction``: ``largest``, the
+    default, ``smallest``, or a fraction), None when the study did not train that one."""
+    fraction = claim.get("fraction", "largest")
+    if fraction == "largest":
+        return study.train_fractions[-1]
+    if fraction == "smallest":
+        return study.train_fractions[0]
+    return float(fraction) if float(fraction) in study.train_fractions else None
+
+
+def _fraction_note(study: Study, fraction: float) -> str:
+    """Where a claim tested below the main training fraction was tested, as a sentence start."""
+    runs = [run for experiment in study.experiments for run in experiment.ok_runs]
+    questions = ((runs[0].summary or {}).get("data") or {}).get("train") if runs else None
+    size = f"{questions:,} training questions" if isinstance(questions, int) else "its questions"
+    budget = (
+        "about as many steps as the full set"
+        if study.fraction_budget == "steps"
+        else "the same epochs as the full set"
+    )
+    return f"Tested at training fraction {fraction:g} ({size}, {budget}): "
 
 
 def expected_vs_measured(study: Study, hypotheses: dict, table: list[dict]) -> list[dict]:
@@ -165,10 +201,14 @@ def _gap_evidence(c: dict, study: Study) -> str:
     )
 
 
-def _stability(study: Study, name_a: str, name_b: str, metric: str, alpha: float) -> dict:
-    """``a`` more stable than ``b`` over seeds: paired t-test of per-seed ``metric``."""
+def _stability(
+    study: Study, name_a: str, name_b: str, metric: str, alpha: float, n_boot: int
+) -> dict:
+    """``a`` more stable than ``b``: over steps (``loss_std`` only: the runs' step losses on
+    the same batches, ``stats.step_stability_bootstrap``) and over seeds (a paired t-test of
+    the per-seed ``metric``)."""
     exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
-    diffs = []
+    diffs, steps_a, steps_b = [], [], []
     for seed in study.seeds:
         run_a, run_b = exp_a.run(seed), exp_b.run(seed)
         if run_a is None or run_b is None:
@@ -176,21 +216,44 @@ def _stability(study: Study, name_a: str, name_b: str, metric: str, alpha: float
         a, b = run_stats(run_a)[metric], run_stats(run_b)[metric]
         if math.isfinite(a) and math.isfinite(b):
             diffs.append(b - a)  # positive: a is more stable
+        epochs_a, epochs_b = run_a.step_losses(), run_b.step_losses()
+        if metric == "loss_std" and epochs_a and epochs_b:
+            common = min(len(epochs_a), len(epochs_b))  # a run may have stopped early
+            steps_a += epochs_a[:common]
+            steps_b += epochs_b[:common]
+    steps = stats.step_stability_bootstrap(steps_a, steps_b, n_boot=n_boot) if steps_a else None
+    over_steps, step_text, mde = None, "", math.nan
+    if steps is not None:
+        over_steps = _verdict(steps["diff"], steps["p_value"], alpha)
+        mde = stats.minimum_detectable_effect(steps["se"], alpha)
+        step_text = (
+            f"over steps: loss_std {name_a} {steps['loss_std_a']:.4f} vs {name_b} "
+            f"{steps['loss_std_b']:.4f} on the same {steps['steps']:,} batches, {name_b} minus "
+            f"{name_a} {steps['diff']:+.4f} (95% CI {steps['ci'][0]:+.4f} to "
+            f"{steps['ci'][1]:+.4f}), block bootstrap {_p_text(steps['p_value'])}, minimum "
+            f"detectable {mde:.4f}; "
+        )
     if not diffs:
-        return {"questions": None, "seeds": INCONCLUSIVE, "evidence": "no stability measure."}
+        return {
+            "questions": over_steps,
+            "seeds": INCONCLUSIVE,
+            "evidence": step_text + "no stability measure over seeds.",
+            "mde": mde,
+        }
     test = stats.paired_t_test(diffs, alpha)
     shown = ", ".join(f"{d:+.3g}" for d in diffs)
     seeds = _verdict(test["mean"], test["p_value"], alpha)
     evidence = (
-        f"{metric} of {name_b} minus {name_a} per seed [{shown}]"
+        step_text
+        + f"{metric} of {name_b} minus {name_a} per seed [{shown}]"
         + (
             f": paired t-test {_p_text(test['p_value'])}"
             if len(diffs) > 1
             else " (one seed: no test; needs at least 2)"
         )
-        + "; no per-question measure of stability."
+        + ("." if steps is not None else "; no per-step measure of stability.")
     )
-    return {"questions": None, "seeds": seeds, "evidence": evidence}
+    return {"questions": over_steps, "seeds": seeds, "evidence": evidence, "mde": mde}
 
 
 def _best(study: Study, name: str, table: list[dict], metric: str, alpha: float, n_boot: int):
@@ -215,7 +278,7 @@ def _member(
     rule = claim["rule"]
     metric = claim.get("metric", "em" if rule in ("better", "best") else "loss_std")
     if rule == "more_stable":
-        return _stability(study, name, claim["b"], metric, alpha)
+        return _stability(study, name, claim["b"], metric, alpha, n_boot)
     if rule in ("overfits_more", "later_onset"):
         comparison = gap_comparison(study, name, claim["b"], n_boot=n_boot, alpha=alpha)
         if comparison is None:
@@ -251,17 +314,24 @@ def _member(
     }
 
 
-def _open_because(study: Study, claim: dict, names: list[str]) -> str:
-    """Why an inconclusive claim stayed open in this study: what a verdict would need."""
+def _open_because(study: Study, claim: dict, names: list[str], per_unit: bool) -> str:
+    """Why an inconclusive claim stayed open in this study: what a verdict would need
+    (``per_unit``: the claim was tested over questions or steps)."""
     rule = claim["rule"]
+    if rule == "more_stable" and per_unit:
+        return (
+            "more power: the difference is below the minimum detectable effect over steps "
+            "(more steps or seeds)"
+        )
     if rule == "more_stable":
         if len(study.seeds) < 2:
             return (
-                "seeds: it is decided over seeds only (no per-question measure), and the study "
-                "has one"
+                "seeds: with no step losses to compare (a metric other than loss_std, or runs "
+                "that did not record them) it is decided over seeds only, and the study has one"
             )
         return (
-            "more seeds: it is decided over seeds only, and their differences are not significant"
+            "more seeds: with no step losses to compare it is decided over seeds only, and "
+            "their differences are not significant"
         )
     if rule in ("overfits_more", "later_onset"):
         runs = [run for name in names for run in study.experiment(name).ok_runs]
@@ -283,64 +353,86 @@ def check_claims(
     the headline ``verdict``: the one over questions where there is one, else over seeds.
     ``open_because`` says, for an inconclusive claim, what a verdict would need (seeds,
     cells that overfit, or more power); None for a decisive one.
-    ``inconclusive (not run)`` when the claim names an experiment the study lacks. A claim
-    over several experiments (a list in ``a``) is supported when it is for every one of
-    them, and not supported when it is not for any one.
+    ``fraction`` is the training fraction the claim was tested at (its ``fraction``: the
+    largest by default; ``smallest`` tests it where the fewest questions trained, as the
+    overfitting claims are, and the evidence says so). ``inconclusive (not run)`` when the
+    claim names an experiment or a training fraction the study lacks. A claim over several
+    experiments (a list in ``a``) is supported when it is for every one of them, and not
+    supported when it is not for any one.
     """
     alpha = float(hypotheses.get("alpha", 0.05))
-    by_name = {row["experiment"]: row for row in table}
     verdicts = []
     for claim in hypotheses.get("claims") or []:
-        members = _as_list(claim["a"])
-        names = members + ([claim["b"]] if "b" in claim else [])
         base = {"id": claim["id"], "text": claim.get("text", claim["id"]), "rule": claim["rule"]}
-        absent = [name for name in names if name not in by_name]
-        empty = [name for name in names if name in by_name and by_name[name]["n_seeds_ok"] == 0]
-        if absent:
+        fraction = claim_fraction(study, claim)
+        if fraction is None:
             verdict = "inconclusive (not run)"
             verdicts.append(
                 {
                     **base,
+                    "fraction": claim.get("fraction"),
                     "verdict": verdict,
                     "verdict_questions": verdict,
                     "verdict_seeds": verdict,
-                    "evidence": f"not run: {', '.join(absent)}.",
-                    "open_because": f"runs of {', '.join(absent)}, which the study lacks",
+                    "evidence": f"not run: no cells at training fraction {claim['fraction']:g}.",
+                    "open_because": f"cells at training fraction {claim['fraction']:g} "
+                    "(--train_fractions)",
                 }
             )
             continue
-        if empty:
-            verdicts.append(
-                {
-                    **base,
-                    "verdict": INCONCLUSIVE,
-                    "verdict_questions": INCONCLUSIVE,
-                    "verdict_seeds": INCONCLUSIVE,
-                    "evidence": f"no successful runs: {', '.join(empty)}.",
-                    "open_because": f"successful runs of {', '.join(empty)}",
-                }
-            )
+        if fraction == study.train_fractions[-1]:
+            verdict = _claim_verdict(study, claim, table, alpha, n_boot)
+            verdicts.append({**base, **verdict, "fraction": fraction})
             continue
-        parts = [_member(study, claim, name, table, alpha, n_boot) for name in members]
-        over_questions = None
-        if all(part["questions"] is not None for part in parts):
-            over_questions = _combine([part["questions"] for part in parts])
-        over_seeds = _combine([part["seeds"] for part in parts])
-        verdict = over_questions if over_questions is not None else over_seeds
-        verdicts.append(
-            {
-                **base,
-                "verdict": verdict,
-                "open_because": (
-                    _open_because(study, claim, names) if verdict == INCONCLUSIVE else None
-                ),
-                "verdict_questions": over_questions,
-                "verdict_seeds": over_seeds,
-                "evidence": " ".join(part["evidence"] for part in parts),
-                "mde": [part.get("mde", math.nan) for part in parts],
-            }
-        )
+        view = study.at_fraction(fraction)
+        verdict = _claim_verdict(view, claim, results_table(view), alpha, n_boot)
+        verdict["evidence"] = _fraction_note(view, fraction) + verdict["evidence"]
+        verdicts.append({**base, **verdict, "fraction": fraction})
     return verdicts
+
+
+def _claim_verdict(study: Study, claim: dict, table: list[dict], alpha: float, n_boot: int) -> dict:
+    """One claim's verdicts, evidence and what an open one would need, in ``study``."""
+    by_name = {row["experiment"]: row for row in table}
+    members = _as_list(claim["a"])
+    names = members + ([claim["b"]] if "b" in claim else [])
+    absent = [name for name in names if name not in by_name]
+    empty = [name for name in names if name in by_name and by_name[name]["n_seeds_ok"] == 0]
+    if absent:
+        verdict = "inconclusive (not run)"
+        return {
+            "verdict": verdict,
+            "verdict_questions": verdict,
+            "verdict_seeds": verdict,
+            "evidence": f"not run: {', '.join(absent)}.",
+            "open_because": f"runs of {', '.join(absent)}, which the study lacks",
+        }
+    if empty:
+        return {
+            "verdict": INCONCLUSIVE,
+            "verdict_questions": INCONCLUSIVE,
+            "verdict_seeds": INCONCLUSIVE,
+            "evidence": f"no successful runs: {', '.join(empty)}.",
+            "open_because": f"successful runs of {', '.join(empty)}",
+        }
+    parts = [_member(study, claim, name, table, alpha, n_boot) for name in members]
+    over_questions = None
+    if all(part["questions"] is not None for part in parts):
+        over_questions = _combine([part["questions"] for part in parts])
+    over_seeds = _combine([part["seeds"] for part in parts])
+    verdict = over_questions if over_questions is not None else over_seeds
+    return {
+        "verdict": verdict,
+        "open_because": (
+            _open_because(study, claim, names, over_questions is not None)
+            if verdict == INCONCLUSIVE
+            else None
+        ),
+        "verdict_questions": over_questions,
+        "verdict_seeds": over_seeds,
+        "evidence": " ".join(part["evidence"] for part in parts),
+        "mde": [part.get("mde", math.nan) for part in parts],
+    }
 
 
 def check_controls(study: Study, hypotheses: dict, n_boot: int = 10_000) -> list[dict]:

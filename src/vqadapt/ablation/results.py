@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,14 @@ class RunResult:
     def curve(self, key: str) -> list[float]:
         """Per-epoch values of ``key`` (NaN where an epoch lacks it)."""
         return [_to_float(row.get(key)) for row in self.metrics]
+
+    def step_losses(self) -> list[list[float]] | None:
+        """Each epoch's step losses in order (``metrics.jsonl``; NaN for a skipped step);
+        None when the run did not record them (runs of vqadapt before they were kept)."""
+        epochs = [row.get("step_losses") for row in self.metrics]
+        if not epochs or not all(isinstance(epoch, list) for epoch in epochs):
+            return None
+        return [[_to_float(value) for value in epoch] for epoch in epochs]
 
     def test_metric(self, key: str) -> float:
         """``summary.test[key]`` (``em``, ``f1``, ...) or NaN."""
@@ -136,10 +144,22 @@ class Study:
     train_fractions: list[float] = field(default_factory=lambda: [1.0])
     subsets: dict[str, str] = field(default_factory=dict)
     """Test question id -> control subset (``subsets.csv`` beside a synthetic test set)."""
+    fraction_budget: str = "epochs"
+    """How the smaller training fractions trained: the same ``epochs`` as the largest, or
+    about the same ``steps`` (``study.json``)."""
 
     def experiment(self, name: str) -> ExperimentResult | None:
         """The experiment called ``name``, if it is part of the study."""
         return next((exp for exp in self.experiments if exp.name == name), None)
+
+    def at_fraction(self, fraction: float) -> Study:
+        """The study seen at training fraction ``fraction``: its runs there become every
+        experiment's ``runs`` (a claim tested on a smaller training set)."""
+        experiments = [
+            replace(experiment, runs=experiment.fraction_runs.get(fraction, []))
+            for experiment in self.experiments
+        ]
+        return replace(self, experiments=experiments)
 
 
 # ---------------------------------------------------------------- loading
@@ -263,6 +283,7 @@ def load_study(study_dir: str | Path) -> Study:
         path=study_dir,
         train_fractions=fractions,
         subsets=_load_subsets(experiments),
+        fraction_budget=str(manifest.get("fraction_budget", "epochs")),
     )
 
 

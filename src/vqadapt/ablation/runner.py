@@ -49,6 +49,13 @@ class Preset:
     defaults: dict[str, Any] = field(default_factory=dict)
     train_fractions: list[float] = field(default_factory=lambda: [1.0])
     """Shares of the training questions each experiment trains on (data efficiency)."""
+    fraction_budget: str = "epochs"
+    """How a smaller training fraction trains: ``epochs`` (the preset's epochs, so fewer
+    steps) or ``steps`` (about as many steps as the largest fraction: each epoch passes
+    several times over its questions, ``epoch_repeats``, and is validated once)."""
+
+
+FRACTION_BUDGETS = ("epochs", "steps")
 
 
 def _preset_file(name_or_path: str) -> Path:
@@ -123,6 +130,7 @@ def load_preset(name_or_path: str) -> Preset:
         answer_weights=values.get("answer_weights"),
         defaults=defaults,
         train_fractions=check_fractions(values.get("train_fractions", [1.0]), name_or_path),
+        fraction_budget=check_budget(values.get("fraction_budget", "epochs"), name_or_path),
     )
 
 
@@ -140,6 +148,15 @@ def check_fractions(fractions: Any, where: str) -> list[float]:
     return sorted(set(values))
 
 
+def check_budget(budget: Any, where: str) -> str:
+    """``epochs`` or ``steps`` (``Preset.fraction_budget``)."""
+    if budget not in FRACTION_BUDGETS:
+        raise VQAConfigError(
+            f"{where}: fraction_budget must be one of {', '.join(FRACTION_BUDGETS)}, got {budget!r}"
+        )
+    return budget
+
+
 def cell_dir(out: Path, experiment: str, seed: int, fraction: float, main_fraction: float) -> Path:
     """``<experiment>/seed<k>`` for the main (largest) fraction, else
     ``<experiment>/train<fraction>/seed<k>``."""
@@ -148,19 +165,29 @@ def cell_dir(out: Path, experiment: str, seed: int, fraction: float, main_fracti
     return out / experiment / f"train{fraction:g}" / f"seed{seed}"
 
 
-def fraction_samples(preset: Preset, extra: dict[str, Any], log) -> dict[float, int | None]:
-    """``max_train_samples`` of each training fraction: a share of the training split the
-    cells use (after the validation split and any ``max_train_samples`` cap). Cells train on
-    the first questions, so a smaller fraction's questions are part of every larger one's."""
+def fraction_settings(preset: Preset, extra: dict[str, Any], log) -> dict[float, dict[str, int]]:
+    """The settings each training fraction's cells add. ``max_train_samples``: a share of the
+    training split the cells use (after the validation split and any ``max_train_samples``
+    cap); cells train on the first questions, so a smaller fraction's questions are part of
+    every larger one's. Under ``fraction_budget: steps`` also ``epoch_repeats``: the passes
+    per epoch that give a smaller fraction about as many steps as the largest one."""
     if preset.train_fractions == [1.0]:
-        return {1.0: None}
+        return {1.0: {}}
     from vqadapt import embedded
     from vqadapt.data.pipeline import load_splits
 
     config = RunConfig.from_dict({**preset.defaults, **preset.base, **extra})
     data_dir = embedded.ensure_synthetic(log=log) if config.data.train_file is None else None
     available = len(load_splits(config.data, data_dir).train)
-    return {f: None if f == 1.0 else max(1, round(f * available)) for f in preset.train_fractions}
+    counts = {f: max(1, round(f * available)) for f in preset.train_fractions}
+    largest = counts[max(preset.train_fractions)]
+    settings: dict[float, dict[str, int]] = {}
+    for fraction, count in counts.items():
+        settings[fraction] = {} if fraction == 1.0 else {"max_train_samples": count}
+        if preset.fraction_budget == "steps" and count < largest:
+            repeats = config.train.epoch_repeats * max(1, round(largest / count))
+            settings[fraction]["epoch_repeats"] = repeats
+    return settings
 
 
 def cell_config(
@@ -169,12 +196,12 @@ def cell_config(
     seed: int,
     cell: Path,
     extra: dict[str, Any],
-    train_samples: int | None = None,
+    fraction: dict[str, int] | None = None,
 ) -> RunConfig:
-    values = {**preset.defaults, **preset.base, **experiment.overrides, **extra}
+    """One cell's settings: the defaults, the preset's base, the experiment's overrides, the
+    command line's ``--set``, then its training fraction's (``fraction_settings``)."""
+    values = {**preset.defaults, **preset.base, **experiment.overrides, **extra, **(fraction or {})}
     values.update(seed=seed, output_dir=str(cell))
-    if train_samples is not None:
-        values["max_train_samples"] = train_samples
     return RunConfig.from_dict(values)
 
 
@@ -259,7 +286,7 @@ def expected_cost(config: RunConfig) -> float:
     text, vision = choices["text_encoder"], choices["vision"]
     per_sample = 1 + (text.last_n > 0) + 2 * (text.lora or text.full)
     per_sample += 4 * (not vision.frozen)
-    samples = config.data.max_train_samples or 10**9
+    samples = (config.data.max_train_samples or 10**9) * config.train.epoch_repeats
     return per_sample * config.train.epochs * samples
 
 
@@ -467,6 +494,8 @@ def run_study(args) -> Path:
         raise VQAConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if getattr(args, "train_fractions", None):
         preset.train_fractions = check_fractions(args.train_fractions, "--train_fractions")
+    if getattr(args, "fraction_budget", None):
+        preset.fraction_budget = check_budget(args.fraction_budget, "--fraction_budget")
     out.mkdir(parents=True, exist_ok=True)
     from vqadapt.folders import FolderLock
 
@@ -480,6 +509,7 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
         "description": preset.description,
         "seeds": seeds,
         "train_fractions": preset.train_fractions,
+        "fraction_budget": preset.fraction_budget,
         "experiments": [
             {"name": e.name, "description": e.description, "overrides": e.overrides}
             for e in preset.experiments
@@ -502,6 +532,12 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
             raise VQAConfigError(
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
             )
+        if old.get("fraction_budget", "epochs") != preset.fraction_budget:
+            raise VQAConfigError(
+                f"{out} holds a study whose smaller training fractions train at equal "
+                f"{old.get('fraction_budget', 'epochs')}: use another --out (nothing was "
+                "overwritten)"
+            )
         study["seeds"] = sorted(set(old.get("seeds", [])) | set(seeds))
         fractions = set(old.get("train_fractions", [1.0])) | set(preset.train_fractions)
         if max(fractions) != max(preset.train_fractions):
@@ -517,7 +553,7 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
         weights = ensure_answer_weights(preset, out, extra, log)
         if weights is not None:
             extra = {**extra, "answer_weights": str(weights)}
-        samples = fraction_samples(preset, extra, log)
+        fraction_cells = fraction_settings(preset, extra, log)
         main_fraction = max(preset.train_fractions)
         queue = []
         for fraction in sorted(preset.train_fractions, reverse=True):
@@ -537,7 +573,7 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
                     if status == "success" and _probe_missing(cell):
                         log(f"{name}: trained before; scoring its questions (interrupted)")
                         config = cell_config(
-                            preset, experiment, seed, cell, extra, samples[fraction]
+                            preset, experiment, seed, cell, extra, fraction_cells[fraction]
                         )
                         job = Job(name, experiment.description, cell, config, True, probe_only=True)
                         queue.append(job)
@@ -548,7 +584,9 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
                     if status == "failed" and not args.retry_failed:
                         log(f"{name}: failed before, skipped (--retry_failed reruns it)")
                         continue
-                    config = cell_config(preset, experiment, seed, cell, extra, samples[fraction])
+                    config = cell_config(
+                        preset, experiment, seed, cell, extra, fraction_cells[fraction]
+                    )
                     if status == "failed":
                         config.train.overwrite = True
                     resume = (cell / "config.yaml").is_file() and status != "failed"

@@ -37,7 +37,8 @@ def header(study: res.Study, hypotheses_source: str) -> list[Block]:
                 f"Experiments: {len(study.experiments)}; successful cells: {ok} of {total}"
                 + (
                     f" at the main training fraction; training fractions: "
-                    f"{', '.join(f'{f:g}' for f in study.train_fractions)}"
+                    f"{', '.join(f'{f:g}' for f in study.train_fractions)} (at equal "
+                    f"{study.fraction_budget})"
                     if len(study.train_fractions) > 1
                     else ""
                 ),
@@ -270,12 +271,12 @@ def hypotheses(
     claims = hyp.check_claims(study, hypotheses, table)
     blocks.append(
         Table(
-            ["claim", "verdict", "over questions", "over seeds", "evidence"],
+            ["claim", "verdict", "over questions (stability: steps)", "over seeds", "evidence"],
             [
                 [
                     c["text"],
                     c["verdict"],
-                    c["verdict_questions"] or "no per-question measure",
+                    c["verdict_questions"] or "no per-question or per-step measure",
                     c["verdict_seeds"] if len(study.seeds) > 1 else "one seed: no test",
                     c["evidence"],
                 ]
@@ -287,8 +288,9 @@ def hypotheses(
     blocks.append(
         Para(
             f"{decisive} of {len(claims)} claims got a decisive verdict (p < "
-            f"{hypotheses.get('alpha', 0.05)}). Verdicts over questions speak about these "
-            "trained models; only the verdicts over seeds include training noise."
+            f"{hypotheses.get('alpha', 0.05)}). Verdicts over questions (or steps) speak "
+            "about these trained models (these training runs); only the verdicts over seeds "
+            "include training noise."
         )
     )
     still_open = [c for c in claims if c.get("open_because")]
@@ -410,12 +412,18 @@ def efficiency(study: res.Study, rows: list[dict], plot: bool) -> list[Block]:
                 text += " (u)"
             line.append(text)
         body.append(line)
+    budget = (
+        "trained for about as many steps (each epoch passes several times over its questions, "
+        "so the curves compare at equal compute and the small sets can overfit)"
+        if study.fraction_budget == "steps"
+        else "trained for the same epochs (so for fewer steps)"
+    )
     blocks: list[Block] = [
         Heading("Data efficiency"),
         Para(
-            "Test EM % (95% CI) against the number of training questions; each smaller set is "
-            "the first part of every larger one, trained for the same epochs. (u): undertrained "
-            "(the selected epoch was the last)."
+            "Test EM % (95% CI, best checkpoint) against the number of training questions; "
+            f"each smaller set is the first part of every larger one, {budget}. (u): "
+            "undertrained (the selected epoch was the last)."
         ),
         Table(["experiment"] + [f"{size:,} questions" for size in sizes], body),
     ]
@@ -494,8 +502,11 @@ METHOD_NOTES = [
     "Claim verdicts: over questions, 'supported' when the direction holds with paired "
     "bootstrap p < alpha (EM claims: per-question EM; overfitting claims: per-question "
     "losses of the generalisation gap), 'not supported' when it reverses with p < alpha, "
-    "otherwise 'inconclusive'. Over seeds: the same with a paired t-test of the per-seed "
-    "differences (2 seeds or more; stability claims have only this one).",
+    "otherwise 'inconclusive'. Stability (loss_std) over steps: cells with the same seed "
+    "train on the same batches in the same order, so their step losses pair up by step; "
+    "blocks of 10 consecutive steps of each epoch are resampled (a moving-block bootstrap, "
+    "the same steps for both runs) and each resample recomputes both loss_stds. Over seeds: "
+    "the same with a paired t-test of the per-seed differences (2 seeds or more).",
     "Minimum detectable effect (MDE): (z_0.975 + z_0.8) x standard error = 2.80 x SE over "
     "questions (SE of the mean paired difference); over k seeds, (t_0.975 + t_0.8, k-1 df) x "
     "sd / sqrt(k) of the per-seed differences. Questions / seeds needed: the count at which "

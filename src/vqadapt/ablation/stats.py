@@ -393,3 +393,68 @@ def gap_difference_bootstrap(
         "gap_a": float(held_a.mean() - tr_a.mean()),
         "gap_b": float(held_b.mean() - tr_b.mean()),
     }
+
+
+def step_stability_bootstrap(
+    epochs_a: Sequence[ArrayLike],
+    epochs_b: Sequence[ArrayLike],
+    block: int = 10,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> dict | None:
+    """Compare two runs' ``loss_std`` (the mean over epochs of the within-epoch standard
+    deviation of the step losses, as ``stability``) step by step.
+
+    Runs with the same seed and training data see the same batches in the same order (an
+    epoch's batches are a function of seed and epoch), so their step losses pair up by step;
+    ``epochs_a[k]`` and ``epochs_b[k]`` are one epoch's step losses of each (NaN: a skipped
+    step, dropped from both). Step losses are autocorrelated, so each epoch is resampled in
+    blocks: ``ceil(n / block)`` blocks of ``block`` consecutive steps, drawn with replacement
+    (a moving-block bootstrap), the same steps for both runs, ``n_boot`` times; each resample
+    recomputes both runs' ``loss_std``. ``diff`` is ``loss_std(b) - loss_std(a)``, positive
+    when A is the more stable; ``ci``, ``p_value`` (two-sided, shift method) and ``se`` as in
+    ``gap_difference_bootstrap``; ``steps`` the paired steps. ``None`` when no epoch pairs
+    (different lengths: not the same batches).
+    """
+    rng = np.random.default_rng(seed)
+    stds_a, stds_b, observed_a, observed_b, steps = [], [], [], [], 0
+    for a_values, b_values in zip(epochs_a, epochs_b, strict=True):
+        a = np.asarray(a_values, dtype=float).ravel()  # NaN allowed: skipped steps
+        b = np.asarray(b_values, dtype=float).ravel()
+        if a.shape != b.shape:
+            return None
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+        n = a.size
+        if n < 2:
+            continue
+        size = min(block, n)
+        blocks = math.ceil(n / size)
+        boot_a, boot_b = np.empty(n_boot), np.empty(n_boot)
+        rows = max(1, _CHUNK_VALUES // n)
+        for start in range(0, n_boot, rows):
+            count = min(rows, n_boot - start)
+            starts = rng.integers(0, n - size + 1, size=(count, blocks))
+            index = (starts[:, :, None] + np.arange(size)).reshape(count, -1)[:, :n]
+            boot_a[start : start + count] = a[index].std(axis=1)
+            boot_b[start : start + count] = b[index].std(axis=1)
+        stds_a.append(boot_a)
+        stds_b.append(boot_b)
+        observed_a.append(float(a.std()))
+        observed_b.append(float(b.std()))
+        steps += n
+    if not stds_a:
+        return None
+    observed = float(np.mean(observed_b) - np.mean(observed_a))
+    diffs = np.mean(stds_b, axis=0) - np.mean(stds_a, axis=0)
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    extreme = np.count_nonzero(np.abs(diffs - observed) >= abs(observed) - 1e-12)
+    return {
+        "diff": observed,
+        "ci": (float(low), float(high)),
+        "p_value": float((1 + extreme) / (n_boot + 1)),
+        "se": float(diffs.std(ddof=1)),
+        "loss_std_a": float(np.mean(observed_a)),
+        "loss_std_b": float(np.mean(observed_b)),
+        "steps": steps,
+    }
