@@ -361,6 +361,20 @@ def seeds_needed(
     return None
 
 
+def _shift_test(resampled: np.ndarray, observed: float) -> dict:
+    """A bootstrap difference summed up: ``diff`` (the observed one), the 95% percentile
+    ``ci`` of the resampled ones, the two-sided ``p_value`` of the shift method (as in
+    ``paired_bootstrap``) and the bootstrap standard error ``se``."""
+    low, high = np.quantile(resampled, [0.025, 0.975])
+    extreme = np.count_nonzero(np.abs(resampled - observed) >= abs(observed) - 1e-12)
+    return {
+        "diff": observed,
+        "ci": (float(low), float(high)),
+        "p_value": float((1 + extreme) / (resampled.size + 1)),
+        "se": float(resampled.std(ddof=1)),
+    }
+
+
 def gap_difference_bootstrap(
     held_out_a: ArrayLike,
     held_out_b: ArrayLike,
@@ -383,13 +397,8 @@ def gap_difference_bootstrap(
     held, train = held_a - held_b, tr_a - tr_b
     observed = float(held.mean() - train.mean())
     means = bootstrap_means(held, n_boot, seed) - bootstrap_means(train, n_boot, seed + 1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
     return {
-        "diff": observed,
-        "ci": (float(low), float(high)),
-        "p_value": float((1 + extreme) / (n_boot + 1)),
-        "se": float(means.std(ddof=1)),
+        **_shift_test(means, observed),
         "gap_a": float(held_a.mean() - tr_a.mean()),
         "gap_b": float(held_b.mean() - tr_b.mean()),
     }
@@ -447,13 +456,8 @@ def step_stability_bootstrap(
         return None
     observed = float(np.mean(observed_b) - np.mean(observed_a))
     diffs = np.mean(stds_b, axis=0) - np.mean(stds_a, axis=0)
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    extreme = np.count_nonzero(np.abs(diffs - observed) >= abs(observed) - 1e-12)
     return {
-        "diff": observed,
-        "ci": (float(low), float(high)),
-        "p_value": float((1 + extreme) / (n_boot + 1)),
-        "se": float(diffs.std(ddof=1)),
+        **_shift_test(diffs, observed),
         "loss_std_a": float(np.mean(observed_a)),
         "loss_std_b": float(np.mean(observed_b)),
         "steps": steps,
