@@ -120,7 +120,8 @@ def test_killed_study_finishes_without_redoing_finished_cells(tmp_path: Path, vq
     assert status(second) == "running"
     finished_at = (first / "summary.json").stat().st_mtime_ns
 
-    rerun = ablate("--preset", str(preset), "--out", str(out))
+    # with one training fraction the fraction budget changes nothing: not refused
+    rerun = ablate("--preset", str(preset), "--out", str(out), "--fraction_budget", "steps")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "baseline seed 0: done before, skipped" in rerun.stdout
     assert (first / "summary.json").stat().st_mtime_ns == finished_at
@@ -153,14 +154,15 @@ def test_parallel_jobs_run_cells_at_once_each_on_its_share(tmp_path: Path, vqa_e
     starts = [line for line in result.stdout.splitlines() if ": training (" in line]
     assert [line.split(":")[0] for line in starts] == ["unfreeze3 seed 0", "baseline seed 0"]
     assert all(line.endswith(f"{share}]") for line in starts), starts
-    spans = []
+    # Both processes were started before either was reaped, so they ran at once. (Their
+    # training spans in status.json, to the second, need not overlap: a 48-question epoch can
+    # take under a second, and one process may finish importing a second later.)
+    lines = result.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if ": training (" in line]
+    finished = [i for i, line in enumerate(lines) if ": success in " in line]
+    assert len(started) == len(finished) == 2 and max(started) < min(finished), lines
     for name in ("baseline", "unfreeze3"):
-        cell = out / name / "seed0"
-        assert status(cell) == "success"
-        record = json.loads((cell / "status.json").read_text(encoding="utf-8"))
-        spans.append((record["started"], record["finished"]))
-    (first_start, first_end), (second_start, second_end) = spans
-    assert first_start <= second_end and second_start <= first_end, f"did not overlap: {spans}"
+        assert status(out / name / "seed0") == "success"
     assert (out / "report.md").is_file()
 
 

@@ -532,14 +532,14 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
             raise VQAConfigError(
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
             )
-        if old.get("fraction_budget", "epochs") != preset.fraction_budget:
+        fractions = set(old.get("train_fractions", [1.0])) | set(preset.train_fractions)
+        if len(fractions) > 1 and old.get("fraction_budget", "epochs") != preset.fraction_budget:
             raise VQAConfigError(
                 f"{out} holds a study whose smaller training fractions train at equal "
                 f"{old.get('fraction_budget', 'epochs')}: use another --out (nothing was "
                 "overwritten)"
             )
         study["seeds"] = sorted(set(old.get("seeds", [])) | set(seeds))
-        fractions = set(old.get("train_fractions", [1.0])) | set(preset.train_fractions)
         if max(fractions) != max(preset.train_fractions):
             raise VQAConfigError(
                 f"{out} holds a study whose largest training fraction is "
