@@ -283,6 +283,17 @@ def test_a_claim_is_tested_at_the_training_fraction_it_names(tmp_path: Path) -> 
         "Tested at training fraction 0.1 (400 training questions, about as many steps as the "
         "full set): generalisation gap"
     )
+    # the recommendation's sentence on less data tests its lead at that fraction too
+    text = (write_report(study_dir, tmp_path / "report", HYPOTHESES)["report.md"]).read_text(
+        encoding="utf-8"
+    )
+    versus = paired_comparison(study.at_fraction(0.1), "lora_r16", "lora_r32")
+    assert 0.05 <= versus["p_bootstrap"] < 0.1  # a lead the study cannot confirm
+    assert (
+        "With less data (400 training questions) lora_r16 leads with 45.0% [42.5, 47.5], ahead "
+        f"of lora_r32 (40.0%; {100 * versus['diff']:+.1f} points, p = {versus['p_bootstrap']:.2f}: "
+        "the paired test cannot tell them apart)"
+    ) in text
     assert found["lora16_beats_unfreeze3"]["fraction"] == 1.0
     assert not found["lora16_beats_unfreeze3"]["evidence"].startswith("Tested")
     # the same claim at the main fraction, where every gap is 0.3: inconclusive

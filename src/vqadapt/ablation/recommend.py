@@ -96,7 +96,18 @@ def recommendation(
             f"{_fmt_em(lead)}"
         )
         if runner is not None:
-            text += f", ahead of {runner['experiment']} ({100 * runner['test_em_mean']:.1f}%)"
+            text += f", ahead of {runner['experiment']} ({100 * runner['test_em_mean']:.1f}%"
+            versus = paired_comparison(
+                study.at_fraction(study.train_fractions[0]),
+                lead["experiment"],
+                runner["experiment"],
+                alpha=alpha,
+            )
+            if versus is not None:
+                text += f"; {100 * versus['diff']:+.1f} points, p = {versus['p_bootstrap']:.2f}"
+                if versus["p_bootstrap"] >= alpha:
+                    text += ": the paired test cannot tell them apart"
+            text += ")"
         under = [row["experiment"] for row in smallest if row["undertrained_seeds"]]
         if under:
             text += f"; undertrained there: {', '.join(under)}"
