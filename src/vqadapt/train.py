@@ -428,7 +428,7 @@ def train_epoch(
         "train_seconds": time.perf_counter() - started,  # training only (after the reads above)
         **peak_memory(runtime),
         "started": started,
-        "n_train": n_train * t.epoch_repeats,  # questions seen this epoch
+        "samples": n_train * t.epoch_repeats,  # questions seen this epoch
     }
 
 
@@ -444,7 +444,7 @@ def peak_memory(runtime: Runtime) -> dict[str, float | None]:
 def epoch_record(epoch: int, train_part: dict[str, Any], val: dict[str, Any], fit: Fit) -> dict:
     """One line of metrics.jsonl; its seconds are the epoch's training and validation."""
     seconds = time.perf_counter() - train_part.pop("started")
-    samples_per_s = train_part.pop("n_train") / seconds
+    samples_per_s = train_part.pop("samples") / seconds
     step_losses = train_part.pop("step_losses")
     return {
         "epoch": epoch,

@@ -70,8 +70,8 @@ def claim_fraction(study: Study, claim: dict) -> float | None:
 def _fraction_note(study: Study, fraction: float) -> str:
     """Where a claim tested below the main training fraction was tested, as a sentence start."""
     runs = [run for experiment in study.experiments for run in experiment.ok_runs]
-    questions = ((runs[0].summary or {}).get("data") or {}).get("train") if runs else None
-    size = f"{questions:,} training questions" if isinstance(questions, int) else "its questions"
+    questions = runs[0].train_questions() if runs else None
+    size = f"{questions:,} training questions" if questions is not None else "its questions"
     budget = (
         "about as many steps as the full set"
         if study.fraction_budget == "steps"
@@ -362,6 +362,7 @@ def check_claims(
     """
     alpha = float(hypotheses.get("alpha", 0.05))
     verdicts = []
+    views: dict[float, tuple[Study, list[dict]]] = {}  # claims at a smaller fraction share one
     for claim in hypotheses.get("claims") or []:
         base = {"id": claim["id"], "text": claim.get("text", claim["id"]), "rule": claim["rule"]}
         fraction = claim_fraction(study, claim)
@@ -384,8 +385,11 @@ def check_claims(
             verdict = _claim_verdict(study, claim, table, alpha, n_boot)
             verdicts.append({**base, **verdict, "fraction": fraction})
             continue
-        view = study.at_fraction(fraction)
-        verdict = _claim_verdict(view, claim, results_table(view), alpha, n_boot)
+        if fraction not in views:
+            view = study.at_fraction(fraction)
+            views[fraction] = view, results_table(view)
+        view, view_table = views[fraction]
+        verdict = _claim_verdict(view, claim, view_table, alpha, n_boot)
         verdict["evidence"] = _fraction_note(view, fraction) + verdict["evidence"]
         verdicts.append({**base, **verdict, "fraction": fraction})
     return verdicts
