@@ -107,6 +107,50 @@ def test_a_gpu_run_resumes_like_an_uninterrupted_one(vqa_env, tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
 
 
+def test_a_study_at_equal_steps_runs_on_the_gpu(vqa_env, tmp_path):
+    """``vqadapt ablate`` with a smaller fraction at equal steps: both cells train on the GPU
+    (device auto), the smaller one passing twice per epoch over its questions, and each keeps
+    its step losses for the stability claim."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    base = {
+        "train_file": str(vqa_env.data / "train.csv"),
+        "test_file": str(vqa_env.data / "test.csv"),
+        "image_root": str(vqa_env.data / "images"),
+        "vision_model": str(vqa_env.vision),
+        "text_model": str(vqa_env.text),
+        "epochs": 1,
+        "batch_size": 16,
+        "max_train_samples": 48,
+        "max_eval_samples": 16,
+    }
+    experiments = [{"name": "text_lora", "overrides": {"use_text_lora": True, "text_lora_r": 8}}]
+    preset = tmp_path / "p.yaml"
+    preset.write_text(
+        yaml.safe_dump({"name": "gpu", "seeds": 1, "base": base, "experiments": experiments}),
+        encoding="utf-8",
+    )
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "vqadapt", "ablate", "--preset", str(preset), "--out"]
+    steps = ["--train_fractions", "0.5", "1", "--fraction_budget", "steps"]
+    result = subprocess.run([*command, str(out), *steps], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for cell, repeats in (
+        (out / "text_lora" / "seed0", 1),
+        (out / "text_lora" / "train0.5" / "seed0", 2),
+    ):
+        summary = json.loads((cell / "summary.json").read_text(encoding="utf-8"))
+        assert summary["device"]["type"] == "cuda"
+        assert (
+            yaml.safe_load((cell / "config.yaml").read_text())["train"]["epoch_repeats"] == repeats
+        )
+        assert [len(row["step_losses"]) for row in _metrics(cell)] == [3]  # 48 / 16, 24 x 2 / 16
+    assert (out / "report.md").is_file()
+
+
 @pytest.mark.parametrize("strategy", ["baseline", "unfreeze3", "text_lora", "vision_text_lora"])
 def test_the_training_step_never_waits_for_the_gpu(make_tiny_model, make_batch, strategy):
     """torch.cuda's sync debug mode turns every host-device synchronisation into an error."""
