@@ -458,7 +458,7 @@ def test_missing_study_json_is_an_error(tmp_path: Path) -> None:
 
 
 def test_control_subsets_count_only_the_questions_scored(tmp_path: Path) -> None:
-    """A study scored on the first questions of a test set (max_eval_samples) counts its
+    """A study scored on part of a test set (max_eval_samples) counts its
     control subsets over those questions, not over the whole subsets.csv."""
     study_dir = build_fake_study(tmp_path / "study", n_questions=40)
     subsets = study_dir / "data" / "subsets.csv"

@@ -93,7 +93,8 @@ def _add_eval(sub: Subparsers) -> None:
         "--max_eval_samples",
         type=ranged("eval", "max_eval_samples"),
         default=None,
-        help="score only the first N questions of the split (default: the run's setting; "
+        help="score only N questions of the split, a fixed random sample (default: the run's "
+        "setting; "
         "more than the split holds means all of it)",
     )
     device_flags(ev, precision=True)

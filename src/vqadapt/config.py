@@ -100,10 +100,16 @@ class DataConfig:
         "(counted and listed in the run summary).",
     )
     max_train_samples: int | None = option(
-        None, "Use only the first N training questions (smoke runs).", POSITIVE
+        None,
+        "Use only N training questions, a fixed random sample (the same for every run; a "
+        "smaller N keeps a subset of a larger N's).",
+        POSITIVE,
     )
     max_eval_samples: int | None = option(
-        None, "Use only the first N validation/test questions.", POSITIVE
+        None,
+        "Use only N validation and N test questions, fixed random samples as for "
+        "max_train_samples.",
+        POSITIVE,
     )
 
     def __post_init__(self) -> None:

@@ -119,8 +119,8 @@ def evaluate_run(
 ) -> dict:
     """Score the best checkpoint on a split; writes ``eval_<split>.json`` and
     ``eval_<split>_predictions.jsonl`` (never the training's own ``predictions_*.jsonl``),
-    holding the run's lock while it writes. ``max_eval_samples``: the first N questions of
-    the split (default: the run's setting)."""
+    holding the run's lock while it writes. ``max_eval_samples``: N questions of the split, the
+    fixed sample training uses (default: the run's setting)."""
     from vqadapt.folders import FolderLock
 
     run_dir = Path(run_dir)

@@ -422,7 +422,7 @@ def efficiency(study: res.Study, rows: list[dict], plot: bool) -> list[Block]:
         Heading("Data efficiency"),
         Para(
             "Test EM % (95% CI, best checkpoint) against the number of training questions; "
-            f"each smaller set is the first part of every larger one, {budget}. (u): "
+            f"each smaller set is a random part of every larger one, {budget}. (u): "
             "undertrained (the selected epoch was the last)."
         ),
         Table(["experiment"] + [f"{size:,} questions" for size in sizes], body),

@@ -19,7 +19,7 @@ from vqadapt.config import DataConfig
 from vqadapt.data.formats import load_records
 from vqadapt.data.images import ImageIndex
 from vqadapt.data.records import VQARecord
-from vqadapt.data.splits import split_by_image
+from vqadapt.data.splits import sample_records, split_by_image
 from vqadapt.data.stream import (
     HOST_HOLD_BYTES,
     PREFETCH,
@@ -90,9 +90,9 @@ def load_splits(
             skipped[name] = sum(r.image in bad for r in records)
         train, val, test = ([r for r in rs if r.image not in bad] for rs in (train, val, test))
     if data.max_train_samples:
-        train = train[: data.max_train_samples]
+        train = sample_records(train, data.max_train_samples)
     if data.max_eval_samples:
-        val, test = val[: data.max_eval_samples], test[: data.max_eval_samples]
+        val, test = (sample_records(rs, data.max_eval_samples) for rs in (val, test))
     sources = {
         "train": str(train_file),
         "test": str(test_file),

@@ -1,4 +1,5 @@
-"""Train / validation splits grouped by image, so no image is seen on both sides."""
+"""Train / validation splits grouped by image, so no image is seen on both sides, and the
+fixed samples that ``max_train_samples`` / ``max_eval_samples`` keep."""
 
 from __future__ import annotations
 
@@ -73,3 +74,20 @@ def split_by_image(
     train = [r for r, key in zip(records, groups, strict=True) if key not in val_keys]
     val = [r for r, key in zip(records, groups, strict=True) if key in val_keys]
     return train, val
+
+
+SAMPLE_SEED = 0  # the same questions for every run, seed and experiment
+
+
+def sample_records(records: Sequence[VQARecord], count: int) -> list[VQARecord]:
+    """``count`` records drawn uniformly at random (all of them when there are no more), in
+    input order. The draw is the first ``count`` positions of one fixed shuffle of the
+    positions, so it is the same for every run, and a smaller count keeps a subset of a larger
+    one's records (a data-efficiency curve adds questions; it never swaps them). A data file
+    sorted by question type (ViVQA's are) gives every type its share, not the first types
+    only."""
+    if count >= len(records):
+        return list(records)
+    positions = list(range(len(records)))
+    random.Random(SAMPLE_SEED).shuffle(positions)
+    return [records[i] for i in sorted(positions[:count])]
