@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
+from vqadapt.ablation.probe import write_question_losses
 from vqadapt.ablation.runner import load_preset
+from vqadapt.data.splits import sample_positions
 from vqadapt.errors import VQAConfigError
 
 pytestmark = pytest.mark.slow
@@ -273,9 +275,9 @@ def test_a_steps_budget_repeats_the_smaller_fractions(tmp_path: Path, vqa_env) -
 
 
 def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_env) -> None:
-    """--train_fractions adds cells on the first share of the training questions (here at
-    about equal steps); every cell records its process's peak memory and the final model's
-    per-question losses."""
+    """--train_fractions adds cells on a share of the training questions (a fixed random
+    sample, part of the larger set; here at about equal steps); every cell records its
+    process's peak memory and the final model's per-question losses."""
     preset = write_preset(tmp_path / "p.yaml", vqa_env, TWO[:1])
     out = tmp_path / "study"
     fractions = ("--train_fractions", "0.5", "1", "--fraction_budget", "steps")
@@ -297,6 +299,16 @@ def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_en
         assert losses["checkpoint"] == "last"
         assert len(losses["test"]) == 16 and 0 < len(losses["train"]) <= 48
         assert all(value > 0 for value in losses["test"].values())
+    trained = {
+        c: list(json.loads((c / "question_losses.json").read_text())["train"]) for c in (main, half)
+    }
+    assert len(trained[main]) == 48 and len(trained[half]) == 24
+    assert set(trained[half]) < set(trained[main])  # the smaller set is part of the larger
+    assert trained[half] != trained[main][:24]  # drawn from all of it, not its first questions
+    # Training questions beyond the probe's limit: it scores a fixed random sample of them.
+    write_question_losses(main, max_train=10)
+    scored = list(json.loads((main / "question_losses.json").read_text())["train"])
+    assert scored == [trained[main][i] for i in sample_positions(48, 10)] != trained[main][:10]
     study = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert study["train_fractions"] == [0.5, 1.0] and study["fraction_budget"] == "steps"
     report = (out / "report.md").read_text(encoding="utf-8")

@@ -14,25 +14,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from vqadapt.data.splits import sample_positions
 from vqadapt.io import atomic_write_json
 
 LOSSES_FILE = "question_losses.json"
 MAX_TRAIN_QUESTIONS = 2000
-"""Training questions scored (the first ones of the cell's training split)."""
+"""Training questions scored: a fixed random sample of the cell's training split (a file
+sorted by question type would give its first questions one type)."""
 
 
-def per_question_losses(model, collator, n: int, batch_size: int) -> list[float]:
-    """Per-sample mean token cross-entropy of the first ``n`` questions of a split."""
+def per_question_losses(model, collator, positions: Sequence[int], batch_size: int) -> list[float]:
+    """Per-sample mean token cross-entropy of the questions at ``positions`` of a split."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            batch = collator(list(range(start, min(n, start + batch_size))))
+        for start in range(0, len(positions), batch_size):
+            batch = collator(list(positions[start : start + batch_size]))
             batch = {key: value.to(device) for key, value in batch.items()}
             out += model(batch, return_losses=True).float().tolist()
     return out
@@ -56,9 +59,11 @@ def write_question_losses(
     record: dict = {"checkpoint": checkpoint}
     for split, limit in (("test", None), ("train", max_train)):
         records = getattr(data.splits, split)
-        n = len(records) if limit is None else min(limit, len(records))
-        losses = per_question_losses(run.model, data.collators[split], n, batch_size)
-        record[split] = {r.id: round(loss, 6) for r, loss in zip(records[:n], losses, strict=True)}
+        positions = sample_positions(len(records), len(records) if limit is None else limit)
+        losses = per_question_losses(run.model, data.collators[split], positions, batch_size)
+        record[split] = {
+            records[i].id: round(loss, 6) for i, loss in zip(positions, losses, strict=True)
+        }
     last = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     record["epochs_run"] = last.get("epochs_run")
     record["seconds"] = round(time.perf_counter() - started, 1)

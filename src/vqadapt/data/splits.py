@@ -79,15 +79,21 @@ def split_by_image(
 SAMPLE_SEED = 0  # the same questions for every run, seed and experiment
 
 
-def sample_records(records: Sequence[VQARecord], count: int) -> list[VQARecord]:
-    """``count`` records drawn uniformly at random (all of them when there are no more), in
-    input order. The draw is the first ``count`` positions of one fixed shuffle of the
-    positions, so it is the same for every run, and a smaller count keeps a subset of a larger
-    one's records (a data-efficiency curve adds questions; it never swaps them). A data file
-    sorted by question type (ViVQA's are) gives every type its share, not the first types
-    only."""
-    if count >= len(records):
-        return list(records)
-    positions = list(range(len(records)))
+def sample_positions(total: int, count: int) -> list[int]:
+    """``count`` of the positions ``0 .. total - 1`` drawn uniformly at random (all of them
+    when there are no more), in increasing order. The draw is the first ``count`` of one fixed
+    shuffle, so it is the same for every run, and a smaller count keeps a subset of a larger
+    one's positions."""
+    if count >= total:
+        return list(range(total))
+    positions = list(range(total))
     random.Random(SAMPLE_SEED).shuffle(positions)
-    return [records[i] for i in sorted(positions[:count])]
+    return sorted(positions[:count])
+
+
+def sample_records(records: Sequence[VQARecord], count: int) -> list[VQARecord]:
+    """``count`` records drawn uniformly at random, in input order (``sample_positions``): the
+    same for every run, and a smaller count keeps a subset of a larger one's records (a
+    data-efficiency curve adds questions; it never swaps them). A data file sorted by question
+    type (ViVQA's are) gives every type its share, not the first types only."""
+    return [records[i] for i in sample_positions(len(records), count)]
