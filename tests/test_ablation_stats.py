@@ -228,3 +228,20 @@ def test_step_stability_bootstrap_pairs_runs_step_by_step() -> None:
     holed[0][5] = math.nan
     assert step_stability_bootstrap(calm, holed, n_boot=200)["steps"] == 359
     assert step_stability_bootstrap(calm, [e[:-1] for e in rough], n_boot=200) is None
+
+
+def test_step_stability_interval_is_centred_on_a_steep_first_epoch() -> None:
+    """A first epoch whose loss falls steeply over its first steps: its std rests on those few
+    steps. Blocks that stop at the epoch's end drew them less often than the rest, so the
+    resampled difference sat well below the observed one and the interval beside it; wrapped
+    blocks draw every step equally often, and the interval is centred on the observation."""
+    from vqadapt.ablation.stats import step_stability_bootstrap
+
+    rng = np.random.default_rng(1)
+    steps = np.arange(125)
+    a = 2 * np.exp(-steps / 8) + 0.3 + 0.1 * rng.standard_normal(125)
+    b = 1.03 * a + 0.005 * rng.standard_normal(125)
+    result = step_stability_bootstrap([a], [b], n_boot=4000)
+    low, high = result["ci"]
+    assert low < result["diff"] < high
+    assert abs((low + high) / 2 - result["diff"]) < 0.1 * (high - low)

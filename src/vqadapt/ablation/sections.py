@@ -504,7 +504,7 @@ METHOD_NOTES = [
     "losses of the generalisation gap), 'not supported' when it reverses with p < alpha, "
     "otherwise 'inconclusive'. Stability (loss_std) over steps: cells with the same seed "
     "train on the same batches in the same order, so their step losses pair up by step; "
-    "blocks of 10 consecutive steps of each epoch are resampled (a moving-block bootstrap, "
+    "blocks of 10 consecutive steps of each epoch are resampled (a circular block bootstrap, "
     "the same steps for both runs) and each resample recomputes both loss_stds. Over seeds: "
     "the same with a paired t-test of the per-seed differences (2 seeds or more).",
     "Minimum detectable effect (MDE): (z_0.975 + z_0.8) x standard error = 2.80 x SE over "
