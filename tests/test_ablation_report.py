@@ -468,3 +468,12 @@ def test_control_subsets_count_only_the_questions_scored(tmp_path: Path) -> None
     study = load_study(study_dir)
     assert len(study.subsets) == 40
     assert set(study.subsets) == {f"q{i:03d}" for i in range(40)}
+
+
+def test_recommendation_p_values_never_round_to_zero() -> None:
+    """The recommendation wrote a lead at p = 0.0004 as "p = 0.00"."""
+    from vqadapt.ablation.recommend import _p
+
+    assert [_p(p) for p in (0.245, 0.05, 0.004, 0.0004)] == [
+        "p = 0.24", "p = 0.05", "p = 0.004", "p < 0.001",
+    ]  # fmt: skip

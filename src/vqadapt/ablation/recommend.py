@@ -14,6 +14,13 @@ from vqadapt.ablation import results as res
 from vqadapt.ablation.comparisons import paired_comparison
 
 
+def _p(p_value: float) -> str:
+    """``p = 0.24``, ``p = 0.004``, ``p < 0.001``: two decimals, or three below 0.01."""
+    if p_value < 0.001:
+        return "p < 0.001"
+    return f"p = {p_value:.3f}" if p_value < 0.01 else f"p = {p_value:.2f}"
+
+
 def _fmt_em(row: dict) -> str:
     text = f"{100 * row['test_em_mean']:.1f}%"
     if math.isfinite(row.get("test_em_ci_low", math.nan)):
@@ -53,7 +60,7 @@ def recommendation(
         text += (
             " The paired tests cannot tell it apart from "
             + "; ".join(
-                f"{row['experiment']} ({100 * c['diff']:+.1f} points, p = {c['p_bootstrap']:.2f})"
+                f"{row['experiment']} ({100 * c['diff']:+.1f} points, {_p(c['p_bootstrap'])})"
                 for row, c in within
             )
             + "."
@@ -104,7 +111,7 @@ def recommendation(
                 alpha=alpha,
             )
             if versus is not None:
-                text += f"; {100 * versus['diff']:+.1f} points, p = {versus['p_bootstrap']:.2f}"
+                text += f"; {100 * versus['diff']:+.1f} points, {_p(versus['p_bootstrap'])}"
                 if versus["p_bootstrap"] >= alpha:
                     text += ": the paired test cannot tell them apart"
             text += ")"
@@ -128,7 +135,7 @@ def recommendation(
                 f"Uncertainty over {seeds} seeds: {best['experiment']} against the runner-up "
                 f"{ranked[1]['experiment']}: per-seed differences "
                 + ", ".join(f"{-100 * d:+.1f}" for d in comparison["seed_diffs"])
-                + f" points, paired t-test p = {comparison['seed_p']:.3f}."
+                + f" points, paired t-test {_p(comparison['seed_p'])}."
             )
     return paragraphs
 
