@@ -16,6 +16,7 @@ import yaml
 
 from vqadapt.ablation.probe import write_question_losses
 from vqadapt.ablation.runner import load_preset
+from vqadapt.data.pipeline import load_splits
 from vqadapt.data.splits import sample_positions
 from vqadapt.errors import VQAConfigError
 
@@ -263,6 +264,25 @@ def test_a_steps_budget_repeats_the_smaller_fractions(tmp_path: Path, vqa_env) -
     }
     cell = cell_config(preset, preset.experiments[0], 0, tmp_path / "cell", {}, settings[0.25])
     assert (cell.data.max_train_samples, cell.train.epoch_repeats) == (12, 4)
+    # Seed k trains on sample k: the seeds vary a smaller set's questions, the fractions of
+    # one seed stay nested, and a preset (or --set) can fix one sample for every seed.
+    questions = {}
+    for seed in (0, 1):
+        for fraction in (0.25, 1.0):
+            config = cell_config(
+                preset, preset.experiments[0], seed, tmp_path / "c", {}, settings[fraction]
+            )
+            assert config.data.train_sample_seed == seed
+            questions[seed, fraction] = {r.id for r in load_splits(config.data).train}
+    assert questions[0, 0.25] < questions[0, 1.0] and questions[1, 0.25] < questions[1, 1.0]
+    assert len(questions[0, 0.25]) == len(questions[1, 0.25]) == 12
+    assert questions[0, 0.25] != questions[1, 0.25]
+    assert questions[0, 1.0] != questions[1, 1.0]  # max_train_samples 48 of more
+    fixed = {"train_sample_seed": 3}
+    assert (
+        cell_config(preset, preset.experiments[0], 1, tmp_path / "c", fixed).data.train_sample_seed
+        == 3
+    )
     # a base that repeats already: the fractions repeat that many times more
     assert fraction_settings(preset, {"epoch_repeats": 2}, print)[0.5]["epoch_repeats"] == 4
     quick = load_preset("quick")
@@ -332,6 +352,12 @@ def test_training_fractions_resources_and_question_losses(tmp_path: Path, vqa_en
     # so would a rerun whose smaller fractions train at equal epochs instead of steps
     other = ablate("--preset", str(preset), "--out", str(out), "--train_fractions", "0.5", "1")
     assert other.returncode == 2 and "train at equal steps" in other.stderr
+    # and so would continuing a study made when cells took the first questions
+    study.pop("samples")
+    (out / "study.json").write_text(json.dumps(study), encoding="utf-8")
+    older = ablate("--preset", str(preset), "--out", str(out), *fractions)
+    assert older.returncode == 2 and "took the first questions" in older.stderr
+    assert "samples" not in json.loads((out / "study.json").read_text(encoding="utf-8"))
 
 
 def test_a_hand_run_lora_r8_is_the_study_s_lora_r8_cell(tmp_path) -> None:

@@ -96,6 +96,7 @@ RANGES: dict[str, tuple[list[object], list[object]]] = {
     "max_answer_tokens": ([0, -1], [1, 64]),
     "max_train_samples": ([0, -5], [1, HUGE, None]),
     "max_eval_samples": ([0, -5], [1, HUGE, None]),
+    "train_sample_seed": ([-1, 2**32], [0, 2**32 - 1]),
     "unfreeze_encoder_layers": ([-1, -HUGE], [0, 3, 100]),  # the depth is checked at load
     "text_lora_r": ([0, -4], [1, 64]),
     "text_lora_alpha": ([0, -1, NAN, INF], [0.5, 32]),

@@ -111,6 +111,12 @@ class DataConfig:
         "max_train_samples.",
         POSITIVE,
     )
+    train_sample_seed: int = option(
+        0,
+        "Which fixed random sample max_train_samples draws. The ablation gives seed k sample "
+        "k, so its seeds also vary which questions a smaller training set holds.",
+        SEED_RANGE,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -157,6 +157,11 @@ def check_budget(budget: Any, where: str) -> str:
     return budget
 
 
+SAMPLES = "random, training sample k for seed k"
+"""How the study's cells draw max_train_samples / max_eval_samples (study.json ``samples``); a
+study folder from before (the first questions) is not continued with other samples."""
+
+
 def cell_dir(out: Path, experiment: str, seed: int, fraction: float, main_fraction: float) -> Path:
     """``<experiment>/seed<k>`` for the main (largest) fraction, else
     ``<experiment>/train<fraction>/seed<k>``."""
@@ -199,8 +204,12 @@ def cell_config(
     fraction: dict[str, int] | None = None,
 ) -> RunConfig:
     """One cell's settings: the defaults, the preset's base, the experiment's overrides, the
-    command line's ``--set``, then its training fraction's (``fraction_settings``)."""
+    command line's ``--set``, then its training fraction's (``fraction_settings``). Seed k
+    also draws training sample k (``train_sample_seed``, unless the preset or ``--set`` fixes
+    it): where cells train on part of the questions, the seeds vary which part, and a verdict
+    over seeds covers that too; the experiments of one seed share it."""
     values = {**preset.defaults, **preset.base, **experiment.overrides, **extra, **(fraction or {})}
+    values.setdefault("train_sample_seed", seed)
     values.update(seed=seed, output_dir=str(cell))
     return RunConfig.from_dict(values)
 
@@ -516,6 +525,7 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
         ],
         "base": {**preset.defaults, **preset.base, **extra},
         "synthetic": extra.get("train_file", preset.base.get("train_file")) is None,
+        "samples": SAMPLES,
         "notes": "",
     }
     previous = out / "study.json"
@@ -531,6 +541,14 @@ def _run_locked_study(args, preset: Preset, out: Path, seeds, extra, log) -> Pat
         if old.get("experiments") != study["experiments"] or old.get("base") != study["base"]:
             raise VQAConfigError(
                 f"{out} holds a study with other settings: use another --out (nothing was overwritten)"
+            )
+        base = study["base"]
+        sampled = base.get("max_train_samples") or base.get("max_eval_samples")
+        if old.get("samples") != SAMPLES and (sampled or preset.train_fractions != [1.0]):
+            raise VQAConfigError(
+                f"{out} holds a study whose cells took the first questions (max_train_samples, "
+                "max_eval_samples, train_fractions), made before they drew random samples per "
+                "seed: use another --out (nothing was overwritten)"
             )
         fractions = set(old.get("train_fractions", [1.0])) | set(preset.train_fractions)
         if len(fractions) > 1 and old.get("fraction_budget", "epochs") != preset.fraction_budget:

@@ -90,7 +90,7 @@ def load_splits(
             skipped[name] = sum(r.image in bad for r in records)
         train, val, test = ([r for r in rs if r.image not in bad] for rs in (train, val, test))
     if data.max_train_samples:
-        train = sample_records(train, data.max_train_samples)
+        train = sample_records(train, data.max_train_samples, seed=data.train_sample_seed)
     if data.max_eval_samples:
         val, test = (sample_records(rs, data.max_eval_samples) for rs in (val, test))
     sources = {

@@ -76,24 +76,26 @@ def split_by_image(
     return train, val
 
 
-SAMPLE_SEED = 0  # the same questions for every run, seed and experiment
+SAMPLE_SEED = 0  # the evaluation samples, and the default training sample
 
 
-def sample_positions(total: int, count: int) -> list[int]:
+def sample_positions(total: int, count: int, seed: int = SAMPLE_SEED) -> list[int]:
     """``count`` of the positions ``0 .. total - 1`` drawn uniformly at random (all of them
-    when there are no more), in increasing order. The draw is the first ``count`` of one fixed
-    shuffle, so it is the same for every run, and a smaller count keeps a subset of a larger
-    one's positions."""
+    when there are no more), in increasing order. The draw is the first ``count`` of one
+    shuffle fixed by ``seed``, so it is the same for every run with that seed, and a smaller
+    count keeps a subset of a larger one's positions."""
     if count >= total:
         return list(range(total))
     positions = list(range(total))
-    random.Random(SAMPLE_SEED).shuffle(positions)
+    random.Random(seed).shuffle(positions)
     return sorted(positions[:count])
 
 
-def sample_records(records: Sequence[VQARecord], count: int) -> list[VQARecord]:
+def sample_records(
+    records: Sequence[VQARecord], count: int, seed: int = SAMPLE_SEED
+) -> list[VQARecord]:
     """``count`` records drawn uniformly at random, in input order (``sample_positions``): the
-    same for every run, and a smaller count keeps a subset of a larger one's records (a
-    data-efficiency curve adds questions; it never swaps them). A data file sorted by question
-    type (ViVQA's are) gives every type its share, not the first types only."""
-    return [records[i] for i in sample_positions(len(records), count)]
+    same for every run with that ``seed``, and a smaller count keeps a subset of a larger one's
+    records (a data-efficiency curve adds questions; it never swaps them). A data file sorted
+    by question type (ViVQA's are) gives every type its share, not the first types only."""
+    return [records[i] for i in sample_positions(len(records), count, seed)]
