@@ -177,7 +177,7 @@ def _comparison_evidence(c: dict) -> str:
         f"{_pct(c['score_b'])}{on}: difference {100 * c['diff']:+.1f} points "
         f"(95% CI {100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}), "
         f"paired bootstrap {_p_text(c['p_bootstrap'])}{mcnemar_text}; "
-        f"{c['n_questions']} paired questions over {len(c['seeds'])} seed(s), minimum "
+        f"{c['n_questions']:,} paired questions over {len(c['seeds'])} seed(s), minimum "
         f"detectable difference {100 * c['mde']:.1f} points{need_text}; "
         + _seed_text(c, 100, "points")
         + "."
@@ -194,7 +194,7 @@ def _gap_evidence(c: dict, study: Study) -> str:
         f"generalisation gap (held-out minus training loss of the final model) {c['experiment']} "
         f"{c['gap_a']:.3f} vs {c['reference']} {c['gap_b']:.3f}: difference {c['diff']:+.3f} "
         f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}), paired bootstrap "
-        f"{_p_text(c['p_bootstrap'])}; {c['n_held_out']} held-out and {c['n_train']} training "
+        f"{_p_text(c['p_bootstrap'])}; {c['n_held_out']:,} held-out and {c['n_train']:,} training "
         f"questions over {len(c['seeds'])} seed(s), minimum detectable difference "
         f"{c['mde']:.3f}; " + _seed_text(c, 1, "") + f"; overfitting onset epochs per seed: "
         f"{' vs '.join(onsets)}."

@@ -203,7 +203,7 @@ def significance(rows: list[dict]) -> list[Block]:
                 f"{100 * r['mde']:.1f}",
                 f"{needed:,.0f}" if _finite(needed) and needed < 1e9 else "–",
                 fmt_p(r["seed_p"]) if len(r["seeds"]) > 1 else "one seed",
-                str(r["n_questions"]),
+                f"{r['n_questions']:,}",
             ]
         )
     headers = [
@@ -350,8 +350,8 @@ def power(study: res.Study, significance: list[dict]) -> list[Block]:
     mdes = [100 * r["mde"] for r in rows if _finite(r["mde"])]
     n = max(r["n_questions"] for r in rows)
     items = [
-        f"{n} paired test questions per comparison ({len(study.seeds)} seed(s) x "
-        f"{n // max(1, len(study.seeds))} questions).",
+        f"{n:,} paired test questions per comparison ({len(study.seeds)} seed(s) x "
+        f"{n // max(1, len(study.seeds)):,} questions).",
         f"Minimum detectable EM difference (80% power, alpha 0.05) of the paired comparisons "
         f"over questions: {min(mdes):.1f} to {max(mdes):.1f} points; smaller differences are "
         "likely to come out inconclusive however real they are.",
