@@ -173,9 +173,10 @@ def cell_dir(out: Path, experiment: str, seed: int, fraction: float, main_fracti
 def fraction_settings(preset: Preset, extra: dict[str, Any], log) -> dict[float, dict[str, int]]:
     """The settings each training fraction's cells add. ``max_train_samples``: a share of the
     training split the cells use (after the validation split and any ``max_train_samples``
-    cap); ``max_train_samples`` draws a fixed random sample, so a smaller fraction's questions
-    are part of every larger one's. Under ``fraction_budget: steps`` also ``epoch_repeats``: the passes
-    per epoch that give a smaller fraction about as many steps as the largest one."""
+    cap); it draws a random sample (per seed, ``cell_config``), so a smaller fraction's
+    questions are part of every larger one's. Under ``fraction_budget: steps`` also
+    ``epoch_repeats``: the passes per epoch that give a smaller fraction about as many steps as
+    the largest one."""
     if preset.train_fractions == [1.0]:
         return {1.0: {}}
     from vqadapt import embedded
