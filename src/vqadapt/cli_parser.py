@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from vqadapt.config import DATA_FORMATS, ON_BAD_IMAGE, PRECISIONS
+from vqadapt.config import DATA_FORMATS, FRACTION_BUDGETS, ON_BAD_IMAGE, PRECISIONS
 from vqadapt.demo.limits import UploadLimits
 from vqadapt.weights import SCHEMES
 
@@ -94,8 +94,7 @@ def _add_eval(sub: Subparsers) -> None:
         type=ranged("eval", "max_eval_samples"),
         default=None,
         help="score only N questions of the split, a fixed random sample (default: the run's "
-        "setting; "
-        "more than the split holds means all of it)",
+        "setting; more than the split holds means all of it)",
     )
     device_flags(ev, precision=True)
 
@@ -302,7 +301,7 @@ def _add_ablate(sub: Subparsers) -> None:
     )
     ab.add_argument(
         "--fraction_budget",
-        choices=("epochs", "steps"),
+        choices=FRACTION_BUDGETS,
         default=None,
         help="a smaller training fraction trains the same epochs (fewer steps) or about the "
         "same steps as the largest (each epoch passes several times over its questions; small "

@@ -55,6 +55,7 @@ OnNonfinite = Literal["stop", "skip"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 TrainingDevice = Literal["auto", "cpu", "cuda"]
 LoraVariant = Literal["lora", "dora", "rslora", "pissa"]
+FractionBudget = Literal["epochs", "steps"]  # an ablation's smaller training fractions
 
 FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
@@ -64,6 +65,7 @@ EARLY_STOPPING_METRICS: tuple[str, ...] = get_args(EarlyStoppingMetric)
 ON_NONFINITE: tuple[str, ...] = get_args(OnNonfinite)
 PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
 LORA_VARIANTS: tuple[str, ...] = get_args(LoraVariant)
+FRACTION_BUDGETS: tuple[str, ...] = get_args(FractionBudget)
 
 
 # -- the tree -----------------------------------------------------------------------------------

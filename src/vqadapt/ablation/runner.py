@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from vqadapt.config import RunConfig, check_settings, load_yaml
+from vqadapt.config import FRACTION_BUDGETS, RunConfig, check_settings, load_yaml
 from vqadapt.errors import VQAConfigError
 from vqadapt.experiments import defaults_file, preset_file
 from vqadapt.folders import lock_holder
@@ -53,9 +53,6 @@ class Preset:
     """How a smaller training fraction trains: ``epochs`` (the preset's epochs, so fewer
     steps) or ``steps`` (about as many steps as the largest fraction: each epoch passes
     several times over its questions, ``epoch_repeats``, and is validated once)."""
-
-
-FRACTION_BUDGETS = ("epochs", "steps")
 
 
 def _preset_file(name_or_path: str) -> Path:
