@@ -27,7 +27,7 @@ def paired_comparison(
     For every seed where both experiments succeeded, the test questions both predicted (of
     ``subset`` when given) are matched by ``id``; the per-question ``metric`` values of all
     such seeds are concatenated and passed to ``stats.paired_bootstrap`` and
-    ``stats.mcnemar``. Also: the minimum detectable effect of this test (``mde``: 80% power,
+    ``stats.mcnemar``. Also: the minimum detectable effect of this test (``mde``: at ``power``,
     two-sided ``alpha``) and the questions a decision at the observed difference would need;
     and, over seeds (``seed_*``), a paired t-test of the per-seed differences, its minimum
     detectable effect and the seeds a decision would need. ``None`` when nothing pairs.
@@ -90,12 +90,18 @@ def paired_comparison(
 
 
 def gap_comparison(
-    study: Study, name_a: str, name_b: str, n_boot: int = 10_000, alpha: float = 0.05
+    study: Study,
+    name_a: str,
+    name_b: str,
+    n_boot: int = 10_000,
+    alpha: float = 0.05,
+    power: float = 0.8,
 ) -> dict | None:
     """Compare two experiments' generalisation gaps (held-out minus training loss of the
     final model, ``probe``), questions paired by id and seeds concatenated as in
     ``paired_comparison``; positive ``diff``: A's gap is larger (A overfits more). Also over
-    seeds: a paired t-test of the per-seed gap differences. ``None`` without losses."""
+    seeds: a paired t-test of the per-seed gap differences. The minimum detectable effects
+    are at ``power``. ``None`` without losses."""
     exp_a, exp_b = study.experiment(name_a), study.experiment(name_b)
     if exp_a is None or exp_b is None:
         return None
@@ -133,20 +139,25 @@ def gap_comparison(
         "ci_low": boot["ci"][0],
         "ci_high": boot["ci"][1],
         "p_bootstrap": boot["p_value"],
-        "mde": stats.minimum_detectable_effect(boot["se"], alpha),
+        "mde": stats.minimum_detectable_effect(boot["se"], alpha, power),
         "seed_diffs": per_seed,
         "seed_p": over_seeds["p_value"],
         "seed_ci_low": over_seeds["ci"][0],
         "seed_ci_high": over_seeds["ci"][1],
-        "seed_mde": stats.seed_mde(over_seeds["sd"], len(per_seed), alpha),
-        "seeds_needed": stats.seeds_needed(over_seeds["sd"], over_seeds["mean"], alpha),
+        "seed_mde": stats.seed_mde(over_seeds["sd"], len(per_seed), alpha, power),
+        "seeds_needed": stats.seeds_needed(over_seeds["sd"], over_seeds["mean"], alpha, power),
     }
 
 
 def significance(
-    study: Study, against: tuple[str, ...] = ("baseline", "unfreeze3"), n_boot: int = 10_000
+    study: Study,
+    against: tuple[str, ...] = ("baseline", "unfreeze3"),
+    n_boot: int = 10_000,
+    alpha: float = 0.05,
+    power: float = 0.8,
 ) -> list[dict]:
-    """Every experiment against each reference in ``against`` that the study ran (test EM)."""
+    """Every experiment against each reference in ``against`` that the study ran (test EM),
+    minimum detectable effects at ``power`` and two-sided ``alpha``."""
     rows = []
     for reference in against:
         ref = study.experiment(reference)
@@ -155,7 +166,9 @@ def significance(
         for experiment in study.experiments:
             if experiment.name == reference:
                 continue
-            row = paired_comparison(study, experiment.name, reference, n_boot=n_boot)
+            row = paired_comparison(
+                study, experiment.name, reference, n_boot=n_boot, alpha=alpha, power=power
+            )
             if row is None:
                 row = {"experiment": experiment.name, "reference": reference, "n_questions": 0}
             rows.append(row)

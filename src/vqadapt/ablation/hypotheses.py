@@ -29,6 +29,12 @@ def load_hypotheses(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise VQADataError(f"malformed YAML: {err}", file=path) from err
+    for key, default in (("alpha", 0.05), ("power", 0.8)):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+            raise VQADataError(
+                f"{key} must be a number in (0, 1), got {value!r}", file=path, field=key
+            )
     for number, claim in enumerate(data.get("claims") or [], start=1):
         for key in ("id", "rule", "a"):
             if key not in claim:
@@ -165,12 +171,57 @@ def _seed_text(c: dict, scale: float, unit: str) -> str:
     )
 
 
-def _comparison_evidence(c: dict) -> str:
+NEED_LIMIT = 100  # beyond this many times its sample, a comparison is called a tie
+
+
+def _need(
+    label: str,
+    diff: str,
+    mde: str,
+    factor: float,
+    units: str,
+    count: float | None,
+    seeds: int,
+    seeds_needed: int | None,
+) -> dict:
+    """What a verdict on one open comparison would need, as a phrase for the report:
+    ``factor`` times its sample of ``units`` (``count`` of them in all, where given), the
+    sample at which the observed difference ``diff`` reaches the minimum detectable effect
+    ``mde`` at the study's power; the seeds that sample takes (each seed adds its own
+    questions or steps), and those a verdict over seeds would take. Beyond ``NEED_LIMIT``
+    times the sample the difference is called what it is: too small for any such study."""
+    head = f"{label} (difference {diff}, minimum detectable {mde})"
+    if not factor <= NEED_LIMIT:  # also a zero difference (infinite factor)
+        return {
+            "factor": factor,
+            "text": f"{head} would need more than {NEED_LIMIT} times the {units}: too small "
+            "a difference for any study of this size to decide",
+        }
+    factor = max(factor, 1.0)
+    total = f" ({factor * count:,.0f})" if count is not None else ""
+    text = (
+        f"{head} would need about {factor:.1f} times the {units}{total}, that is about "
+        f"{math.ceil(factor * seeds)} seeds in all (each seed adds its own)"
+    )
+    if seeds >= 2 and seeds_needed:
+        text += f"; a verdict over seeds (training noise included), about {seeds_needed} seeds"
+    return {"factor": factor, "text": text}
+
+
+def _factor(mde: float, diff: float) -> float:
+    """How many times its sample a comparison needs for ``diff`` to reach ``mde`` (the
+    standard error falls with the square root of the sample)."""
+    if not (math.isfinite(mde) and math.isfinite(diff)) or diff == 0:
+        return math.inf
+    return (mde / abs(diff)) ** 2
+
+
+def _comparison_evidence(c: dict, alpha: float) -> str:
     mcnemar_text = f", McNemar {_p_text(c['p_mcnemar'])}" if math.isfinite(c["p_mcnemar"]) else ""
     on = "" if c.get("subset", "all") == "all" else f" on {c['subset']} questions"
     needed = c.get("questions_needed", math.inf)
     need_text = ""
-    if math.isfinite(needed) and c["p_bootstrap"] >= 0.05:
+    if math.isfinite(needed) and c["p_bootstrap"] >= alpha:
         need_text = f"; this difference would need about {needed:,.0f} paired questions"
     return (
         f"{c['experiment']} {c['metric'].upper()} {_pct(c['score_a'])} vs {c['reference']} "
@@ -202,7 +253,7 @@ def _gap_evidence(c: dict, study: Study) -> str:
 
 
 def _stability(
-    study: Study, name_a: str, name_b: str, metric: str, alpha: float, n_boot: int
+    study: Study, name_a: str, name_b: str, metric: str, alpha: float, power: float, n_boot: int
 ) -> dict:
     """``a`` more stable than ``b``: over steps (``loss_std`` only: the runs' step losses on
     the same batches, ``stats.step_stability_bootstrap``) and over seeds (a paired t-test of
@@ -222,10 +273,21 @@ def _stability(
             steps_a += epochs_a[:common]
             steps_b += epochs_b[:common]
     steps = stats.step_stability_bootstrap(steps_a, steps_b, n_boot=n_boot) if steps_a else None
-    over_steps, step_text, mde = None, "", math.nan
+    over_steps, step_text, mde, need = None, "", math.nan, None
     if steps is not None:
         over_steps = _verdict(steps["diff"], steps["p_value"], alpha)
-        mde = stats.minimum_detectable_effect(steps["se"], alpha)
+        mde = stats.minimum_detectable_effect(steps["se"], alpha, power)
+        factor = _factor(mde, steps["diff"])
+        need = _need(
+            f"{name_b} minus {name_a} loss_std over steps",
+            f"{steps['diff']:+.4f}",
+            f"{mde:.4f}",
+            factor,
+            "steps (batches)",
+            steps["steps"],
+            len(diffs) or 1,
+            None,
+        )
         step_text = (
             f"over steps: loss_std {name_a} {steps['loss_std_a']:.4f} vs {name_b} "
             f"{steps['loss_std_b']:.4f} on the same {steps['steps']:,} batches, {name_b} minus "
@@ -239,6 +301,7 @@ def _stability(
             "seeds": INCONCLUSIVE,
             "evidence": step_text + "no stability measure over seeds.",
             "mde": mde,
+            "need": need,
         }
     test = stats.paired_t_test(diffs, alpha)
     shown = ", ".join(f"{d:+.3g}" for d in diffs)
@@ -253,10 +316,24 @@ def _stability(
         )
         + ("." if steps is not None else "; no per-step measure of stability.")
     )
-    return {"questions": over_steps, "seeds": seeds, "evidence": evidence, "mde": mde}
+    return {
+        "questions": over_steps,
+        "seeds": seeds,
+        "evidence": evidence,
+        "mde": mde,
+        "need": need,
+    }
 
 
-def _best(study: Study, name: str, table: list[dict], metric: str, alpha: float, n_boot: int):
+def _best(
+    study: Study,
+    name: str,
+    table: list[dict],
+    metric: str,
+    alpha: float,
+    power: float,
+    n_boot: int,
+):
     key = f"test_{metric}_mean"
     ranked = sorted(
         (row for row in table if math.isfinite(row[key])), key=lambda row: row[key], reverse=True
@@ -265,22 +342,32 @@ def _best(study: Study, name: str, table: list[dict], metric: str, alpha: float,
         return None, "fewer than two experiments have results."
     top = ranked[0]["experiment"]
     rival = ranked[1]["experiment"] if top == name else top
-    comparison = paired_comparison(study, name, rival, metric, n_boot=n_boot, alpha=alpha)
+    comparison = paired_comparison(
+        study, name, rival, metric, n_boot=n_boot, alpha=alpha, power=power
+    )
     rank = [row["experiment"] for row in ranked].index(name) + 1
     position = "ranks first" if top == name else f"ranks {rank} of {len(ranked)}"
     return comparison, f"{name} {position}; "
 
 
 def _member(
-    study: Study, claim: dict, name: str, table: list[dict], alpha: float, n_boot: int
+    study: Study,
+    claim: dict,
+    name: str,
+    table: list[dict],
+    alpha: float,
+    power: float,
+    n_boot: int,
 ) -> dict:
     """Verdicts (over questions, over seeds) and evidence of a claim for one member of ``a``."""
     rule = claim["rule"]
     metric = claim.get("metric", "em" if rule in ("better", "best") else "loss_std")
     if rule == "more_stable":
-        return _stability(study, name, claim["b"], metric, alpha, n_boot)
+        return _stability(study, name, claim["b"], metric, alpha, power, n_boot)
     if rule in ("overfits_more", "later_onset"):
-        comparison = gap_comparison(study, name, claim["b"], n_boot=n_boot, alpha=alpha)
+        comparison = gap_comparison(
+            study, name, claim["b"], n_boot=n_boot, alpha=alpha, power=power
+        )
         if comparison is None:
             return {
                 "questions": INCONCLUSIVE,
@@ -294,12 +381,24 @@ def _member(
             "seeds": _verdict(comparison["diff"], comparison["seed_p"], alpha, sign),
             "evidence": _gap_evidence(comparison, study),
             "mde": comparison["mde"],
+            "need": _need(
+                f"{name} vs {claim['b']}",
+                f"{comparison['diff']:+.3f}",
+                f"{comparison['mde']:.3f}",
+                _factor(comparison["mde"], comparison["diff"]),
+                "held-out and training questions",
+                None,
+                len(comparison["seeds"]),
+                comparison["seeds_needed"],
+            ),
         }
     prefix = ""
     if rule == "best":
-        comparison, prefix = _best(study, name, table, metric, alpha, n_boot)
+        comparison, prefix = _best(study, name, table, metric, alpha, power, n_boot)
     else:
-        comparison = paired_comparison(study, name, claim["b"], metric, n_boot=n_boot, alpha=alpha)
+        comparison = paired_comparison(
+            study, name, claim["b"], metric, n_boot=n_boot, alpha=alpha, power=power
+        )
     if comparison is None:
         return {
             "questions": INCONCLUSIVE,
@@ -309,19 +408,48 @@ def _member(
     return {
         "questions": _verdict(comparison["diff"], comparison["p_bootstrap"], alpha),
         "seeds": _verdict(comparison["diff"], comparison["seed_p"], alpha),
-        "evidence": prefix + _comparison_evidence(comparison),
+        "evidence": prefix + _comparison_evidence(comparison, alpha),
         "mde": comparison["mde"],
+        "need": _need(
+            f"{comparison['experiment']} vs {comparison['reference']}",
+            f"{100 * comparison['diff']:+.1f} points",
+            f"{100 * comparison['mde']:.1f}",
+            _factor(comparison["mde"], comparison["diff"]),
+            "paired questions",
+            comparison["n_questions"],
+            len(comparison["seeds"]),
+            comparison["seeds_needed"],
+        ),
     }
 
 
-def _open_because(study: Study, claim: dict, names: list[str], per_unit: bool) -> str:
+def _more_power(parts: list[dict], generic: str) -> str:
+    """The "more power" reason, with what the open comparison nearest to a verdict would need (the
+    smallest multiple of its sample; ``generic`` where no part says)."""
+    needs = [
+        part["need"]
+        for part in parts
+        if part.get("need") and part.get("questions") in (INCONCLUSIVE, None)
+    ]
+    if not needs:
+        return f"more power: {generic}"
+    nearest = min(needs, key=lambda need: need["factor"])
+    lead = "the nearest to a verdict, " if len(needs) > 1 else ""
+    return f"more power: {lead}{nearest['text']}"
+
+
+def _open_because(
+    study: Study, claim: dict, names: list[str], per_unit: bool, parts: list[dict]
+) -> str:
     """Why an inconclusive claim stayed open in this study: what a verdict would need
-    (``per_unit``: the claim was tested over questions or steps)."""
+    (``per_unit``: the claim was tested over questions or steps; ``parts``: its members'
+    verdicts and what each would need)."""
     rule = claim["rule"]
     if rule == "more_stable" and per_unit:
-        return (
-            "more power: the difference is below the minimum detectable effect over steps "
-            "(more steps or seeds)"
+        return _more_power(
+            parts,
+            "the difference is below the minimum detectable effect over steps (more steps "
+            "or seeds)",
         )
     if rule == "more_stable":
         if len(study.seeds) < 2:
@@ -340,7 +468,9 @@ def _open_because(study: Study, claim: dict, names: list[str], per_unit: bool) -
                 f"cells that overfit: no run of {' or '.join(names)} does (validation loss never "
                 "rose for 2 epochs while training loss fell), so there is no overfitting to compare"
             )
-    return "more power: the difference is below the minimum detectable effect (more seeds or questions)"
+    return _more_power(
+        parts, "the difference is below the minimum detectable effect (more seeds or questions)"
+    )
 
 
 def check_claims(
@@ -361,6 +491,7 @@ def check_claims(
     supported when it is not for any one.
     """
     alpha = float(hypotheses.get("alpha", 0.05))
+    power = float(hypotheses.get("power", 0.8))
     verdicts = []
     views: dict[float, tuple[Study, list[dict]]] = {}  # claims at a smaller fraction share one
     for claim in hypotheses.get("claims") or []:
@@ -382,20 +513,22 @@ def check_claims(
             )
             continue
         if fraction == study.train_fractions[-1]:
-            verdict = _claim_verdict(study, claim, table, alpha, n_boot)
+            verdict = _claim_verdict(study, claim, table, alpha, power, n_boot)
             verdicts.append({**base, **verdict, "fraction": fraction})
             continue
         if fraction not in views:
             view = study.at_fraction(fraction)
             views[fraction] = view, results_table(view)
         view, view_table = views[fraction]
-        verdict = _claim_verdict(view, claim, view_table, alpha, n_boot)
+        verdict = _claim_verdict(view, claim, view_table, alpha, power, n_boot)
         verdict["evidence"] = _fraction_note(view, fraction) + verdict["evidence"]
         verdicts.append({**base, **verdict, "fraction": fraction})
     return verdicts
 
 
-def _claim_verdict(study: Study, claim: dict, table: list[dict], alpha: float, n_boot: int) -> dict:
+def _claim_verdict(
+    study: Study, claim: dict, table: list[dict], alpha: float, power: float, n_boot: int
+) -> dict:
     """One claim's verdicts, evidence and what an open one would need, in ``study``."""
     by_name = {row["experiment"]: row for row in table}
     members = _as_list(claim["a"])
@@ -419,7 +552,7 @@ def _claim_verdict(study: Study, claim: dict, table: list[dict], alpha: float, n
             "evidence": f"no successful runs: {', '.join(empty)}.",
             "open_because": f"successful runs of {', '.join(empty)}",
         }
-    parts = [_member(study, claim, name, table, alpha, n_boot) for name in members]
+    parts = [_member(study, claim, name, table, alpha, power, n_boot) for name in members]
     over_questions = None
     if all(part["questions"] is not None for part in parts):
         over_questions = _combine([part["questions"] for part in parts])
@@ -428,7 +561,7 @@ def _claim_verdict(study: Study, claim: dict, table: list[dict], alpha: float, n
     return {
         "verdict": verdict,
         "open_because": (
-            _open_because(study, claim, names, over_questions is not None)
+            _open_because(study, claim, names, over_questions is not None, parts)
             if verdict == INCONCLUSIVE
             else None
         ),

@@ -51,7 +51,6 @@ def write_report(
     out_dir = Path(out_dir) if out_dir is not None else study_dir
     study = res.load_study(study_dir)
     table = res.results_table(study)
-    significance = comparisons.significance(study)
     per_type = res.per_type_table(study)
     subsets = res.subset_table(study)
     efficiency = res.efficiency_table(study)
@@ -92,14 +91,16 @@ def write_report(
         save(path, data)
 
     alpha = float((hypotheses or {}).get("alpha", 0.05))
+    power = float((hypotheses or {}).get("power", 0.8))
+    significance = comparisons.significance(study, alpha=alpha, power=power)
     blocks: list[Block] = [
         *sec.header(study, source),
         *sec.failed(study),
         *sec.main_table(table),
         *sec.coverage_table(table),
         *sec.controls(study, hypotheses),
-        *sec.power(study, significance),
-        *sec.significance(significance),
+        *sec.power(study, significance, alpha, power),
+        *sec.significance(significance, alpha, power),
         *sec.hypotheses(study, hypotheses, source, table),
         *sec.subset_table(subsets),
         *sec.per_type_table(per_type),
@@ -108,7 +109,7 @@ def write_report(
         Heading("Plots"),
         *[Image(path, caption) for path, (data, caption) in plots.items() if data is not None],
         Heading("Method notes"),
-        Bullets(sec.METHOD_NOTES),
+        Bullets(sec.method_notes(alpha, power)),
         *sec.recommendation(study, table, efficiency, hypotheses, alpha),
     ]
     title = f"Ablation report: {study.preset}"

@@ -182,7 +182,16 @@ def coverage_table(table: list[dict]) -> list[Block]:
     return [Heading("Parameters and coverage"), Table(headers, rows), note]
 
 
-def significance(rows: list[dict]) -> list[Block]:
+def _power_terms(alpha: float, power: float) -> tuple[str, str]:
+    """The power and alpha as the report words them ("80% power at alpha 0.05") and the
+    multiplier of the standard error that makes a minimum detectable effect ("2.80")."""
+    from vqadapt.ablation.stats import minimum_detectable_effect
+
+    words = f"{100 * power:g}% power at alpha {alpha:g}"
+    return words, f"{minimum_detectable_effect(1.0, alpha, power):.2f}"
+
+
+def significance(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> list[Block]:
     blocks: list[Block] = [Heading("Significance (test EM, paired)")]
     if not rows:
         return [*blocks, Para("No reference experiment (baseline, unfreeze3) has results.")]
@@ -218,14 +227,16 @@ def significance(rows: list[dict]) -> list[Block]:
         "over seeds p",
         "questions",
     ]
+    words, multiplier = _power_terms(alpha, power)
     return [
         *blocks,
         Para(
-            "Min. detectable: the smallest EM difference this test detects with 80% power at "
-            "alpha 0.05, for this many paired questions (2.80 x the standard error of the mean "
+            f"Min. detectable: the smallest EM difference this test detects with {words}, "
+            f"for this many paired questions ({multiplier} x the standard error of the mean "
             "per-question difference). Questions needed: how many paired questions would make "
-            "the observed difference detectable with 80% power. Over seeds: paired t-test of "
-            "the per-seed EM differences (includes training noise; needs 2 seeds or more)."
+            f"the observed difference detectable with {100 * power:g}% power. Over seeds: "
+            "paired t-test of the per-seed EM differences (includes training noise; needs 2 "
+            "seeds or more)."
         ),
         Table(headers, table),
     ]
@@ -343,7 +354,9 @@ def controls(study: res.Study, hypotheses: dict | None) -> list[Block]:
     return [*blocks, Table(headers, rows)]
 
 
-def power(study: res.Study, significance: list[dict]) -> list[Block]:
+def power(
+    study: res.Study, significance: list[dict], alpha: float = 0.05, power: float = 0.8
+) -> list[Block]:
     rows = [r for r in significance if r.get("n_questions")]
     if not rows:
         return []
@@ -352,7 +365,8 @@ def power(study: res.Study, significance: list[dict]) -> list[Block]:
     items = [
         f"{n:,} paired test questions per comparison ({len(study.seeds)} seed(s) x "
         f"{n // max(1, len(study.seeds)):,} questions).",
-        f"Minimum detectable EM difference (80% power, alpha 0.05) of the paired comparisons "
+        f"Minimum detectable EM difference ({_power_terms(alpha, power)[0]}) of the paired "
+        "comparisons "
         f"over questions: {min(mdes):.1f} to {max(mdes):.1f} points; smaller differences are "
         "likely to come out inconclusive however real they are.",
     ]
@@ -475,7 +489,24 @@ def per_type_table(rows: list[dict]) -> list[Block]:
     return [Heading("Test EM % per question type"), Table(headers, body)]
 
 
-METHOD_NOTES = [
+def method_notes(alpha: float = 0.05, power: float = 0.8) -> list[str]:
+    """The report's method notes, with the study's alpha and power."""
+    from vqadapt.ablation.stats import minimum_detectable_effect
+
+    multiplier = minimum_detectable_effect(1.0, alpha, power)
+    return [
+        *_METHOD_NOTES,
+        f"Minimum detectable effect (MDE): (z_{1 - alpha / 2:g} + z_{power:g}) x standard "
+        f"error = {multiplier:.2f} x SE over questions (SE of the mean paired difference); over "
+        f"k seeds, (t_{1 - alpha / 2:g} + t_{power:g}, k-1 df) x sd / sqrt(k) of the per-seed "
+        "differences. Questions / seeds needed: the count at which the observed difference "
+        "would reach that power. What an open claim would need: the sample (questions or "
+        "steps) times (MDE / observed difference)^2, for the comparison of the claim nearest "
+        "to a verdict; seeds in all: that many times the seeds, each adding its questions.",
+    ]
+
+
+_METHOD_NOTES = [
     "Test EM/F1: from each run's summary.json; mean ± sample std (ddof=1) over successful seeds.",
     "95% CI: percentile bootstrap (10,000 resamples) of the mean over seeds; with one seed, "
     "of the mean over test questions (per-question correctness). With 2-3 seeds the "
@@ -507,10 +538,6 @@ METHOD_NOTES = [
     "blocks of 10 consecutive steps of each epoch are resampled (a circular block bootstrap, "
     "the same steps for both runs) and each resample recomputes both loss_stds. Over seeds: "
     "the same with a paired t-test of the per-seed differences (2 seeds or more).",
-    "Minimum detectable effect (MDE): (z_0.975 + z_0.8) x standard error = 2.80 x SE over "
-    "questions (SE of the mean paired difference); over k seeds, (t_0.975 + t_0.8, k-1 df) x "
-    "sd / sqrt(k) of the per-seed differences. Questions / seeds needed: the count at which "
-    "the observed difference would reach that power.",
 ]
 
 
