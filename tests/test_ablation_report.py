@@ -342,7 +342,7 @@ def test_stability_is_compared_step_by_step_when_runs_keep_their_step_losses(
     # identical stability: the difference is a rounding error, and the reason says so
     assert claims["lora_more_stable"]["open_because"].startswith("more power: the nearest to ")
     assert claims["lora_more_stable"]["open_because"].endswith(
-        "would need more than 100 times the steps (batches): too small a difference for any "
+        "would need more than 100 times the steps: too small a difference for any "
         "study of this size to decide"
     )
 

@@ -283,7 +283,7 @@ def _stability(
             f"{steps['diff']:+.4f}",
             f"{mde:.4f}",
             factor,
-            "steps (batches)",
+            "steps",
             steps["steps"],
             len(diffs) or 1,
             None,
