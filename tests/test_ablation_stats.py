@@ -162,9 +162,11 @@ def test_minimum_detectable_effect_and_questions_needed() -> None:
     assert minimum_detectable_effect(1.0) == pytest.approx(2.8016, abs=1e-4)
     sd, n = 0.4, 800
     mde = minimum_detectable_effect(sd / math.sqrt(n))
-    assert units_needed(sd, mde) == pytest.approx(n)
-    assert units_needed(sd, mde / 2) == pytest.approx(4 * n)
-    assert units_needed(sd, 0.0) == math.inf
+    assert units_needed(n, mde, mde) == pytest.approx(n)
+    assert units_needed(n, mde, -mde / 2) == pytest.approx(4 * n)
+    # the textbook form, ((z + z) sd / effect)^2, for any effect
+    assert units_needed(n, mde, 0.05) == pytest.approx((2.8016 * sd / 0.05) ** 2, rel=1e-4)
+    assert units_needed(n, mde, 0.0) == math.inf
 
 
 def test_paired_t_test_by_hand_and_edge_cases() -> None:
@@ -189,6 +191,52 @@ def test_seed_mde_falls_with_seeds_and_seeds_needed_inverts_it() -> None:
     needed = seeds_needed(1.0, mdes[2])
     assert needed == 5
     assert seeds_needed(1.0, 0.0) is None
+
+
+def test_a_question_answered_by_several_seeds_is_resampled_as_one_cluster() -> None:
+    """Pairs pooled over seeds: one question's pairs are not independent draws. With every
+    value in its own cluster the cluster bootstrap is ``bootstrap_means`` draw for draw; six
+    copies of the same differences, clustered by question, carry the evidence of one copy
+    (the same resampled means), where resampling the pairs one by one would narrow the
+    spread by sqrt(6); the standard error follows the same rule, and by hand for clusters
+    of unequal size."""
+    from vqadapt.ablation.stats import (
+        cluster_bootstrap_means,
+        cluster_standard_error,
+        paired_bootstrap,
+    )
+
+    rng = np.random.default_rng(3)
+    d = rng.choice([-1.0, 0.0, 1.0], size=300, p=[0.25, 0.5, 0.25]) + 0.0
+    plain = bootstrap_means(d, n_boot=4000, seed=5)
+    assert np.array_equal(cluster_bootstrap_means(d, None, 4000, 5), plain)
+    labels = [f"q{i}" for i in range(300)]
+    assert np.array_equal(cluster_bootstrap_means(d, labels, 4000, 5), plain)
+    pooled, pooled_labels = np.tile(d, 6), labels * 6
+    assert np.allclose(cluster_bootstrap_means(pooled, pooled_labels, 4000, 5), plain)
+    naive = bootstrap_means(pooled, n_boot=4000, seed=5)
+    assert naive.std() == pytest.approx(plain.std() / math.sqrt(6), rel=0.1)
+    se = cluster_standard_error(d)
+    assert se == pytest.approx(d.std(ddof=1) / math.sqrt(300))
+    assert cluster_standard_error(d, labels) == pytest.approx(se)
+    assert cluster_standard_error(pooled, pooled_labels) == pytest.approx(se)
+    # unequal clusters: m = 0.75, cluster sums 1 (2 values), 1, 1:
+    # sqrt(3/2 * (0.5^2 + 0.25^2 + 0.25^2)) / 4 = 0.1875
+    assert cluster_standard_error([1, 0, 1, 1], ["a", "a", "b", "c"]) == pytest.approx(0.1875)
+    assert math.isnan(cluster_standard_error([1, 0], ["a", "a"]))
+    sizes = rng.integers(1, 5, size=400)
+    values = rng.normal(0.1, 1.0, sizes.sum())
+    groups = np.repeat(np.arange(400), sizes).tolist()
+    means = cluster_bootstrap_means(values, groups, 4000, 0)
+    assert means.std() == pytest.approx(cluster_standard_error(values, groups), rel=0.1)
+    with pytest.raises(ValueError, match="3 cluster labels for 4 values"):
+        cluster_bootstrap_means([1, 0, 1, 1], ["a", "b", "c"])
+    # the paired test: six seeds that repeat one seed's answers add no evidence
+    a = (rng.random(200) < 0.6).astype(float)
+    b = (rng.random(200) < 0.5).astype(float)
+    one = paired_bootstrap(a, b, n_boot=4000)
+    six = paired_bootstrap(np.tile(a, 6), np.tile(b, 6), n_boot=4000, clusters=list(range(200)) * 6)
+    assert six["ci"] == pytest.approx(one["ci"]) and six["p_value"] == one["p_value"]
 
 
 def test_gap_difference_bootstrap_finds_a_larger_gap() -> None:

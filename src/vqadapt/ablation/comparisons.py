@@ -26,8 +26,10 @@ def paired_comparison(
 
     For every seed where both experiments succeeded, the test questions both predicted (of
     ``subset`` when given) are matched by ``id``; the per-question ``metric`` values of all
-    such seeds are concatenated and passed to ``stats.paired_bootstrap`` and
-    ``stats.mcnemar``. Also: the minimum detectable effect of this test (``mde``: at ``power``,
+    such seeds are concatenated and passed to ``stats.paired_bootstrap`` with each pair's
+    question as its cluster (one question's pairs from several seeds are resampled together:
+    they are not independent), and to ``stats.mcnemar`` (its p-value for one seed only, the
+    counts always). Also: the minimum detectable effect of this test (``mde``: at ``power``,
     two-sided ``alpha``) and the questions a decision at the observed difference would need;
     and, over seeds (``seed_*``), a paired t-test of the per-seed differences, its minimum
     detectable effect and the seeds a decision would need. ``None`` when nothing pairs.
@@ -37,6 +39,7 @@ def paired_comparison(
         return None
     values_a: list[float] = []
     values_b: list[float] = []
+    questions: list[str] = []  # the cluster of each pair: its question, across seeds
     seeds, per_seed = [], []
     for seed in study.seeds:
         run_a, run_b = exp_a.run(seed), exp_b.run(seed)
@@ -51,12 +54,14 @@ def paired_comparison(
             b = [scores_b[qid] for qid in common]
             values_a += a
             values_b += b
+            questions += common
             per_seed.append(float(np.mean(a) - np.mean(b)))
     if not values_a:
         return None
-    boot = stats.paired_bootstrap(values_a, values_b, n_boot=n_boot)
+    boot = stats.paired_bootstrap(values_a, values_b, n_boot=n_boot, clusters=questions)
     differences = np.asarray(values_a) - np.asarray(values_b)
-    sd = float(differences.std(ddof=1)) if differences.size > 1 else math.nan
+    se = stats.cluster_standard_error(differences, questions)
+    mde = stats.minimum_detectable_effect(se, alpha, power)
     over_seeds = stats.paired_t_test(per_seed, alpha)
     result = {
         "experiment": name_a,
@@ -74,8 +79,8 @@ def paired_comparison(
         "mcnemar_b": math.nan,
         "mcnemar_c": math.nan,
         "p_mcnemar": math.nan,
-        "mde": stats.minimum_detectable_effect(sd / math.sqrt(len(values_a)), alpha, power),
-        "questions_needed": stats.units_needed(sd, boot["diff"], alpha, power),
+        "mde": mde,
+        "questions_needed": stats.units_needed(len(values_a), mde, boot["diff"]),
         "seed_diffs": per_seed,
         "seed_p": over_seeds["p_value"],
         "seed_ci_low": over_seeds["ci"][0],
@@ -85,7 +90,10 @@ def paired_comparison(
     }
     if metric == "em":
         test = stats.mcnemar(values_a, values_b)
-        result.update(mcnemar_b=test["b"], mcnemar_c=test["c"], p_mcnemar=test["p_value"])
+        # The exact test takes every discordant pair for an independent one: with several
+        # seeds, one question's pairs are not, and only the counts are shown.
+        p_value = test["p_value"] if len(seeds) == 1 else math.nan
+        result.update(mcnemar_b=test["b"], mcnemar_c=test["c"], p_mcnemar=p_value)
     return result
 
 
@@ -106,6 +114,7 @@ def gap_comparison(
     if exp_a is None or exp_b is None:
         return None
     pooled: dict[str, list[list[float]]] = {"test": [[], []], "train": [[], []]}
+    questions: dict[str, list[str]] = {"test": [], "train": []}  # clusters across seeds
     seeds, per_seed = [], []
     for seed in study.seeds:
         run_a, run_b = exp_a.run(seed), exp_b.run(seed)
@@ -118,6 +127,7 @@ def gap_comparison(
             common = [qid for qid in losses_a if qid in losses_b]
             pooled[split][0] += [losses_a[qid] for qid in common]
             pooled[split][1] += [losses_b[qid] for qid in common]
+            questions[split] += common
             seed_means[split] = (
                 float(np.mean([losses_a[q] - losses_b[q] for q in common])) if common else math.nan
             )
@@ -125,7 +135,13 @@ def gap_comparison(
         per_seed.append(seed_means["test"] - seed_means["train"])
     if not seeds or not pooled["test"][0] or not pooled["train"][0]:
         return None
-    boot = stats.gap_difference_bootstrap(*pooled["test"], *pooled["train"], n_boot=n_boot)
+    boot = stats.gap_difference_bootstrap(
+        *pooled["test"],
+        *pooled["train"],
+        n_boot=n_boot,
+        held_out_clusters=questions["test"],
+        train_clusters=questions["train"],
+    )
     over_seeds = stats.paired_t_test(per_seed, alpha)
     return {
         "experiment": name_a,

@@ -209,11 +209,8 @@ def _need(
 
 
 def _factor(mde: float, diff: float) -> float:
-    """How many times its sample a comparison needs for ``diff`` to reach ``mde`` (the
-    standard error falls with the square root of the sample)."""
-    if not (math.isfinite(mde) and math.isfinite(diff)) or diff == 0:
-        return math.inf
-    return (mde / abs(diff)) ** 2
+    """How many times its sample a comparison needs for ``diff`` to reach ``mde``."""
+    return stats.units_needed(1.0, mde, diff)
 
 
 def _comparison_evidence(c: dict, alpha: float) -> str:

@@ -233,7 +233,8 @@ def significance(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> l
         Para(
             f"Min. detectable: the smallest EM difference this test detects with {words}, "
             f"for this many paired questions ({multiplier} x the standard error of the mean "
-            "per-question difference). Questions needed: how many paired questions would make "
+            "per-question difference; with several seeds, clustered by question). Questions "
+            "needed: how many paired questions would make "
             f"the observed difference detectable with {100 * power:g}% power. Over seeds: "
             "paired t-test of the per-seed EM differences (includes training noise; needs 2 "
             "seeds or more)."
@@ -497,7 +498,8 @@ def method_notes(alpha: float = 0.05, power: float = 0.8) -> list[str]:
     return [
         *_METHOD_NOTES,
         f"Minimum detectable effect (MDE): (z_{1 - alpha / 2:g} + z_{power:g}) x standard "
-        f"error = {multiplier:.2f} x SE over questions (SE of the mean paired difference); over "
+        f"error = {multiplier:.2f} x SE over questions (SE of the mean paired difference, "
+        "clustered by question when seeds are pooled); over "
         f"k seeds, (t_{1 - alpha / 2:g} + t_{power:g}, k-1 df) x sd / sqrt(k) of the per-seed "
         "differences. Questions / seeds needed: the count at which the observed difference "
         "would reach that power. What an open claim would need: the sample (questions or "
@@ -514,8 +516,12 @@ _METHOD_NOTES = [
     "Paired tests: for every seed where both experiments succeeded, questions are matched by id "
     "and the per-question EM of all such seeds concatenated. Paired bootstrap p: two-sided "
     "'shift' method, p = (1 + #{|D* - D| >= |D|}) / (B + 1) over B = 10,000 resamples of "
-    "the per-question differences (D = observed mean difference). McNemar: exact binomial "
-    "test on discordant pairs b (only A right) and c (only B right).",
+    "the per-question differences (D = observed mean difference); a resample draws "
+    "questions, each with its differences from every seed (one question answered by several "
+    "seeds' models is one draw of a question, not several), and the standard error behind "
+    "the minimum detectable effects is clustered by question alike. McNemar: exact binomial "
+    "test on discordant pairs b (only A right) and c (only B right); its p-value with one "
+    "seed only (it takes every pair for an independent one), the counts always.",
     "Best epoch: the epoch of lowest validation loss (mean over seeds). Undertrained: the "
     "epoch the run selected (by its early-stopping metric) was its last.",
     "Overfitting onset: the first epoch e after which validation loss rises for 2 consecutive "
@@ -529,7 +535,8 @@ _METHOD_NOTES = [
     "Generalisation gap: per question, the final model's (last checkpoint) mean token loss "
     "in eval mode, unweighted; the gap is the mean over held-out test questions minus the "
     "mean over (up to 2,000 of) its training questions. Two cells' gaps are compared with a "
-    "bootstrap that resamples held-out and training questions independently, pairs kept.",
+    "bootstrap that resamples held-out and training questions independently, pairs kept "
+    "(and each question's pairs from all seeds together).",
     "Claim verdicts: over questions, 'supported' when the direction holds with paired "
     "bootstrap p < alpha (EM claims: per-question EM; overfitting claims: per-question "
     "losses of the generalisation gap), 'not supported' when it reverses with p < alpha, "

@@ -53,6 +53,61 @@ def bootstrap_means(values: ArrayLike, n_boot: int = 10_000, seed: int = 0) -> n
     return means
 
 
+def _clusters(values: np.ndarray, clusters: Sequence | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and counts of ``values``, clusters in order of first appearance
+    (``None``: every value its own cluster)."""
+    if clusters is None:
+        return values, np.ones(values.size)
+    if len(clusters) != values.size:
+        raise ValueError(f"{len(clusters)} cluster labels for {values.size} values")
+    index: dict = {}
+    keys = np.fromiter((index.setdefault(c, len(index)) for c in clusters), int, values.size)
+    return np.bincount(keys, weights=values), np.bincount(keys).astype(float)
+
+
+def cluster_bootstrap_means(
+    values: ArrayLike, clusters: Sequence | None = None, n_boot: int = 10_000, seed: int = 0
+) -> np.ndarray:
+    """Means of ``n_boot`` resamples of ``values`` that draw whole clusters with replacement
+    (as many as there are), each resample's mean being its values' sum over their count.
+
+    Values that share a cluster (one test question answered by the models of several seeds)
+    are not independent draws; resampling them one by one would take the pooled values for
+    more evidence than they are. With one value per cluster (``clusters`` None, or one seed)
+    this is ``bootstrap_means`` exactly, the same draws included; with clusters of equal size,
+    ``bootstrap_means`` of the cluster means.
+    """
+    array = _as_array(values)
+    sums, counts = _clusters(array, clusters)
+    if np.all(counts == counts[0]):
+        return bootstrap_means(sums / counts[0], n_boot=n_boot, seed=seed)
+    rng = np.random.default_rng(seed)
+    k = sums.size
+    means = np.empty(n_boot)
+    rows = max(1, _CHUNK_VALUES // k)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        draw = rng.integers(0, k, size=(stop - start, k))
+        means[start:stop] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
+    return means
+
+
+def cluster_standard_error(values: ArrayLike, clusters: Sequence | None = None) -> float:
+    """Standard error of the mean of ``values`` with clusters drawn at random (the
+    cluster-robust "sandwich" form of a ratio mean): ``sqrt(k / (k - 1) * sum_c (S_c - m *
+    n_c)^2) / N`` over ``k`` clusters with sums ``S_c`` and sizes ``n_c``, ``N`` values of
+    mean ``m``. One value per cluster gives ``std(values, ddof=1) / sqrt(N)``; NaN for fewer
+    than two clusters."""
+    array = _as_array(values)
+    sums, counts = _clusters(array, clusters)
+    k = sums.size
+    if k < 2:
+        return math.nan
+    mean = float(array.mean())
+    spread = float(np.sum((sums - mean * counts) ** 2))
+    return math.sqrt(k / (k - 1) * spread) / array.size
+
+
 def bootstrap_ci(
     values: ArrayLike, n_boot: int = 10_000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
@@ -69,12 +124,18 @@ def bootstrap_ci(
 
 
 def paired_bootstrap(
-    correct_a: ArrayLike, correct_b: ArrayLike, n_boot: int = 10_000, seed: int = 0
+    correct_a: ArrayLike,
+    correct_b: ArrayLike,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> dict:
     """Paired bootstrap comparison of two systems scored on the same questions.
 
     Let ``d_i = a_i - b_i`` and ``D = mean(d)``. The questions are resampled with
     replacement ``n_boot`` times (pairs stay together), giving bootstrap means ``D*_j``.
+    With ``clusters`` (a label per pair: the question, when the pairs of several seeds are
+    pooled), whole clusters are resampled (``cluster_bootstrap_means``).
 
     * ``diff`` is ``D``; ``ci`` is the 95% percentile interval of ``D*``.
     * ``p_value`` is two-sided and uses the "shift" method (Efron & Tibshirani 1993,
@@ -91,7 +152,7 @@ def paired_bootstrap(
         raise ValueError(f"paired arrays differ in length: {a.size} vs {b.size}")
     differences = a - b
     observed = float(differences.mean())
-    means = bootstrap_means(differences, n_boot=n_boot, seed=seed)
+    means = cluster_bootstrap_means(differences, clusters, n_boot=n_boot, seed=seed)
     low, high = np.quantile(means, [0.025, 0.975])
     # The tolerance stops float noise from deciding ties such as |0 - 0.5| >= 0.5.
     extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
@@ -222,15 +283,15 @@ def minimum_detectable_effect(
     return (_z(1 - alpha / 2) + _z(power)) * standard_error
 
 
-def units_needed(
-    sd_per_unit: float, effect: float, alpha: float = 0.05, power: float = 0.8
-) -> float:
-    """How many units (questions, or seeds with a normal approximation) a two-sided test of
-    a mean difference needs to detect ``effect`` with ``power``:
-    ``((z_{1 - alpha/2} + z_{power}) * sd / effect)^2``; infinite for a zero effect."""
-    if not math.isfinite(effect) or effect == 0 or not math.isfinite(sd_per_unit):
+def units_needed(units: float, mde: float, effect: float) -> float:
+    """How many units (questions, steps) a test whose minimum detectable effect is ``mde`` on
+    ``units`` of them needs to detect ``effect`` with the same power: the standard error falls
+    with the square root of the sample, so ``units * (mde / effect)^2``; infinite for a zero
+    effect. (With clusters, such as a question's pairs over seeds, more units means more
+    clusters of the same size.)"""
+    if not (math.isfinite(mde) and math.isfinite(effect)) or effect == 0:
         return math.inf
-    return ((_z(1 - alpha / 2) + _z(power)) * sd_per_unit / abs(effect)) ** 2
+    return units * (mde / abs(effect)) ** 2
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -382,12 +443,15 @@ def gap_difference_bootstrap(
     train_b: ArrayLike,
     n_boot: int = 10_000,
     seed: int = 0,
+    held_out_clusters: Sequence | None = None,
+    train_clusters: Sequence | None = None,
 ) -> dict:
     """Compare two models' generalisation gaps (held-out minus training loss), question by
     question: ``D = mean(h_a - h_b) - mean(t_a - t_b)``, positive when A's gap is larger.
 
-    Held-out and training questions are resampled independently (each pair kept together),
-    ``n_boot`` times; ``ci`` is the 95% percentile interval, ``p_value`` the two-sided shift
+    Held-out and training questions are resampled independently (each pair kept together,
+    and with ``*_clusters`` each question's pairs from several seeds together), ``n_boot``
+    times; ``ci`` is the 95% percentile interval, ``p_value`` the two-sided shift
     p-value as in ``paired_bootstrap``, ``se`` the bootstrap standard error.
     """
     held_a, held_b = _as_array(held_out_a, "held_out_a"), _as_array(held_out_b, "held_out_b")
@@ -396,7 +460,9 @@ def gap_difference_bootstrap(
         raise ValueError("paired arrays differ in length")
     held, train = held_a - held_b, tr_a - tr_b
     observed = float(held.mean() - train.mean())
-    means = bootstrap_means(held, n_boot, seed) - bootstrap_means(train, n_boot, seed + 1)
+    means = cluster_bootstrap_means(
+        held, held_out_clusters, n_boot, seed
+    ) - cluster_bootstrap_means(train, train_clusters, n_boot, seed + 1)
     return {
         **_shift_test(means, observed),
         "gap_a": float(held_a.mean() - tr_a.mean()),
