@@ -17,6 +17,8 @@ from vqadapt.ablation.results import Study, results_table, run_stats
 from vqadapt.errors import VQADataError
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+LEVELS = {"alpha": 0.05, "power": 0.8}
+"""A hypotheses file's significance level and power where it names none."""
 CLAIM_RULES = ("better", "best", "overfits_more", "later_onset", "more_stable")
 
 
@@ -29,7 +31,7 @@ def load_hypotheses(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise VQADataError(f"malformed YAML: {err}", file=path) from err
-    for key, default in (("alpha", 0.05), ("power", 0.8)):
+    for key, default in LEVELS.items():
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
             raise VQADataError(
@@ -60,6 +62,13 @@ def load_hypotheses(path: str | Path) -> dict:
                 field="claims",
             )
     return data
+
+
+def levels(hypotheses: dict | None) -> tuple[float, float]:
+    """The ``alpha`` and ``power`` every test and minimum detectable effect of a report uses:
+    the hypotheses file's, else ``LEVELS``."""
+    hypotheses = hypotheses or {}
+    return tuple(float(hypotheses.get(key, default)) for key, default in LEVELS.items())
 
 
 def claim_fraction(study: Study, claim: dict) -> float | None:
@@ -176,21 +185,24 @@ NEED_LIMIT = 100  # beyond this many times its sample, a comparison is called a 
 
 def _need(
     label: str,
-    diff: str,
-    mde: str,
-    factor: float,
+    diff: float,
+    mde: float,
+    decimals: int,
     units: str,
     count: float | None,
     seeds: int,
     seeds_needed: int | None,
+    unit: str = "",
 ) -> dict:
-    """What a verdict on one open comparison would need, as a phrase for the report:
-    ``factor`` times its sample of ``units`` (``count`` of them in all, where given), the
-    sample at which the observed difference ``diff`` reaches the minimum detectable effect
-    ``mde`` at the study's power; the seeds that sample takes (each seed adds its own
-    questions or steps), and those a verdict over seeds would take. Beyond ``NEED_LIMIT``
-    times the sample the difference is called what it is: too small for any such study."""
-    head = f"{label} (difference {diff}, minimum detectable {mde})"
+    """What a verdict on one open comparison would need, as a phrase for the report: the
+    multiple ``factor`` of its sample of ``units`` (``count`` of them in all, where given) at
+    which the observed difference ``diff`` reaches the minimum detectable effect ``mde`` at the
+    study's power (``stats.units_needed``); the seeds that sample takes (each seed adds its own
+    questions or steps), and those a verdict over seeds would take. Both numbers are shown
+    with ``decimals``, the difference with its ``unit``. Beyond ``NEED_LIMIT`` times the
+    sample the difference is called what it is: too small for any such study."""
+    factor = stats.units_needed(1.0, mde, diff)
+    head = f"{label} (difference {diff:+.{decimals}f}{unit}, minimum detectable {mde:.{decimals}f})"
     if not factor <= NEED_LIMIT:  # also a zero difference (infinite factor)
         return {
             "factor": factor,
@@ -206,11 +218,6 @@ def _need(
     if seeds >= 2 and seeds_needed:
         text += f"; a verdict over seeds (training noise included), about {seeds_needed} seeds"
     return {"factor": factor, "text": text}
-
-
-def _factor(mde: float, diff: float) -> float:
-    """How many times its sample a comparison needs for ``diff`` to reach ``mde``."""
-    return stats.units_needed(1.0, mde, diff)
 
 
 def _comparison_evidence(c: dict, alpha: float) -> str:
@@ -274,12 +281,11 @@ def _stability(
     if steps is not None:
         over_steps = _verdict(steps["diff"], steps["p_value"], alpha)
         mde = stats.minimum_detectable_effect(steps["se"], alpha, power)
-        factor = _factor(mde, steps["diff"])
         need = _need(
             f"{name_b} minus {name_a} loss_std over steps",
-            f"{steps['diff']:+.4f}",
-            f"{mde:.4f}",
-            factor,
+            steps["diff"],
+            mde,
+            4,
             "steps",
             steps["steps"],
             len(diffs) or 1,
@@ -380,9 +386,9 @@ def _member(
             "mde": comparison["mde"],
             "need": _need(
                 f"{name} vs {claim['b']}",
-                f"{comparison['diff']:+.3f}",
-                f"{comparison['mde']:.3f}",
-                _factor(comparison["mde"], comparison["diff"]),
+                comparison["diff"],
+                comparison["mde"],
+                3,
                 "held-out and training questions",
                 None,
                 len(comparison["seeds"]),
@@ -409,13 +415,14 @@ def _member(
         "mde": comparison["mde"],
         "need": _need(
             f"{comparison['experiment']} vs {comparison['reference']}",
-            f"{100 * comparison['diff']:+.1f} points",
-            f"{100 * comparison['mde']:.1f}",
-            _factor(comparison["mde"], comparison["diff"]),
+            100 * comparison["diff"],
+            100 * comparison["mde"],
+            1,
             "paired questions",
             comparison["n_questions"],
             len(comparison["seeds"]),
             comparison["seeds_needed"],
+            unit=" points",
         ),
     }
 
@@ -487,8 +494,7 @@ def check_claims(
     experiments (a list in ``a``) is supported when it is for every one of them, and not
     supported when it is not for any one.
     """
-    alpha = float(hypotheses.get("alpha", 0.05))
-    power = float(hypotheses.get("power", 0.8))
+    alpha, power = levels(hypotheses)
     verdicts = []
     views: dict[float, tuple[Study, list[dict]]] = {}  # claims at a smaller fraction share one
     for claim in hypotheses.get("claims") or []:
@@ -576,8 +582,7 @@ def check_controls(study: Study, hypotheses: dict, n_boot: int = 10_000) -> list
     False when some member does not, and None when the study cannot test it (a strategy not
     run, or no subset labels: not a synthetic benchmark set).
     """
-    alpha = float(hypotheses.get("alpha", 0.05))
-    power = float(hypotheses.get("power", 0.8))
+    alpha, power = levels(hypotheses)
     out = []
     for control in hypotheses.get("controls") or []:
         subset = control["subset"]

@@ -90,8 +90,7 @@ def write_report(
     for path, data in images.items():
         save(path, data)
 
-    alpha = float((hypotheses or {}).get("alpha", 0.05))
-    power = float((hypotheses or {}).get("power", 0.8))
+    alpha, power = hyp.levels(hypotheses)
     significance = comparisons.significance(study, alpha=alpha, power=power)
     blocks: list[Block] = [
         *sec.header(study, source),

@@ -300,7 +300,7 @@ def hypotheses(
     blocks.append(
         Para(
             f"{decisive} of {len(claims)} claims got a decisive verdict (p < "
-            f"{hypotheses.get('alpha', 0.05)}). Verdicts over questions (or steps) speak "
+            f"{hyp.levels(hypotheses)[0]:g}). Verdicts over questions (or steps) speak "
             "about these trained models (these training runs); only the verdicts over seeds "
             "include training noise."
         )
@@ -492,13 +492,11 @@ def per_type_table(rows: list[dict]) -> list[Block]:
 
 def method_notes(alpha: float = 0.05, power: float = 0.8) -> list[str]:
     """The report's method notes, with the study's alpha and power."""
-    from vqadapt.ablation.stats import minimum_detectable_effect
-
-    multiplier = minimum_detectable_effect(1.0, alpha, power)
+    multiplier = _power_terms(alpha, power)[1]
     return [
         *_METHOD_NOTES,
         f"Minimum detectable effect (MDE): (z_{1 - alpha / 2:g} + z_{power:g}) x standard "
-        f"error = {multiplier:.2f} x SE over questions (SE of the mean paired difference, "
+        f"error = {multiplier} x SE over questions (SE of the mean paired difference, "
         "clustered by question when seeds are pooled); over "
         f"k seeds, (t_{1 - alpha / 2:g} + t_{power:g}, k-1 df) x sd / sqrt(k) of the per-seed "
         "differences. Questions / seeds needed: the count at which the observed difference "
