@@ -22,7 +22,10 @@ def run_cli(argv: list[str]) -> int:
 
 def test_data_synth_then_stats_and_check(tmp_path: Path, capsys) -> None:
     out = tmp_path / "synth"
-    assert run_cli(["data", "synth", "--out", str(out), "--n", "60", "--seed", "3"]) == 0
+    argv = ["data", "synth", "--out", str(out), "--n", "60", "--seed", "3", "--extra_test", "30"]
+    assert run_cli(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["n"], summary["extra_test"], summary["train"] + summary["test"]) == (60, 30, 90)
     assert (out / "train.csv").is_file() and (out / "test.csv").is_file()
     assert any((out / "images").iterdir())
     capsys.readouterr()

@@ -75,6 +75,39 @@ def test_deterministic(generated: tuple[Path, dict], tmp_path: Path) -> None:
     assert (other / "train.csv").read_bytes() != (out / "train.csv").read_bytes()
 
 
+def test_extra_test_questions_leave_the_first_n_as_they_were(
+    generated: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """More test questions for the same training set: the first n questions keep their
+    images, split and ids byte for byte; the extra ones are all test, on new images."""
+    out, summary = generated
+    more = generate(tmp_path, n=N, seed=7, extra_test=400)
+    assert (more["n"], more["extra_test"]) == (N, 400)
+    assert (more["train"], more["test"]) == (summary["train"], summary["test"] + 400)
+    assert (tmp_path / "train.csv").read_bytes() == (out / "train.csv").read_bytes()
+    old_test = (out / "test.csv").read_text(encoding="utf-8").splitlines()
+    new_test = (tmp_path / "test.csv").read_text(encoding="utf-8").splitlines()
+    assert new_test[: len(old_test)] == old_test and len(new_test) == len(old_test) + 400
+    old_subsets = (out / "subsets.csv").read_text(encoding="utf-8").splitlines()
+    assert (tmp_path / "subsets.csv").read_text(encoding="utf-8").splitlines()[
+        : len(old_subsets)
+    ] == old_subsets
+    for image in range(summary["images"]):
+        assert (tmp_path / f"images/{image}.png").read_bytes() == (
+            out / f"images/{image}.png"
+        ).read_bytes()
+    extra = load_vivqa_csv(tmp_path / "test.csv")[summary["test"] :]
+    assert {int(r.image) for r in extra} == set(range(summary["images"], more["images"]))
+    assert more["test_images"] == summary["test_images"] + more["images"] - summary["images"]
+    assert sum(more["test_subsets"].values()) == more["test"]
+    assert all(more["test_subsets"][s] > summary["test_subsets"][s] for s in more["test_subsets"])
+    assert "the last 400 on images drawn after the first" in (tmp_path / "README.md").read_text(
+        encoding="utf-8"
+    )
+    with pytest.raises(VQAConfigError, match="extra_test"):
+        generate(tmp_path / "bad", n=N, extra_test=-1)
+
+
 def _kinds(out: Path) -> dict[tuple[str, str], dict[str, str]]:
     subsets = read_subsets(out / "subsets.csv")
     return {(split, qid): row for split, rows in subsets.items() for qid, row in rows.items()}

@@ -135,7 +135,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from vqadapt.data.synth import generate
 
         _check_output("--out", args.out)
-        summary = generate(args.out, n=args.n, seed=args.seed)
+        summary = generate(args.out, n=args.n, seed=args.seed, extra_test=args.extra_test)
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return 0
     if args.data_command == "check":

@@ -14,6 +14,7 @@ from typing import Any
 
 from vqadapt.config import DATA_FORMATS, FRACTION_BUDGETS, ON_BAD_IMAGE, PRECISIONS
 from vqadapt.demo.limits import UploadLimits
+from vqadapt.embedded import SYNTH_EXTRA_TEST, SYNTH_QUESTIONS, SYNTH_SEED
 from vqadapt.weights import SCHEMES
 
 # The range of every numeric flag of every command but train / plan (whose settings check
@@ -23,7 +24,7 @@ NUMERIC_FLAGS: dict[str, dict[str, tuple[float, float]]] = {
     "eval": {"num_beams": (1, 64), "max_eval_samples": (1, 10**9)},
     "predict": {"num_beams": (1, 64)},
     "export": {"check_questions": (1, 100_000), "tolerance": (0.0, 1.0)},
-    "data synth": {"n": (2, 10_000_000), "seed": (0, 2**32 - 1)},
+    "data synth": {"n": (2, 10_000_000), "seed": (0, 2**32 - 1), "extra_test": (0, 10_000_000)},
     "backbones tiny": {
         "text_steps": (0, 1_000_000),
         "vision_steps": (0, 1_000_000),
@@ -156,14 +157,21 @@ def _add_data(sub: Subparsers) -> None:
     synth.add_argument(
         "--n",
         type=ranged("data synth", "n"),
-        default=10_000,
+        default=SYNTH_QUESTIONS,
         help="questions (default %(default)s)",
     )
     synth.add_argument(
         "--seed",
         type=ranged("data synth", "seed"),
-        default=0,
+        default=SYNTH_SEED,
         help="random seed (default %(default)s)",
+    )
+    synth.add_argument(
+        "--extra_test",
+        type=ranged("data synth", "extra_test"),
+        default=SYNTH_EXTRA_TEST,
+        help="more test questions on further images, after the --n questions (whose split they "
+        "leave as it was); the embedded default's (default %(default)s)",
     )
     stats = data_sub.add_parser("stats", help="counts per type, answers, lengths, images found")
     stats.add_argument("files", nargs="+", help="annotation files (ViVQA CSV, JSON or JSONL)")

@@ -14,6 +14,11 @@ from pathlib import Path
 
 SYNTH_SEED = 0
 SYNTH_QUESTIONS = 10_000
+SYNTH_EXTRA_TEST = 4_000
+"""Test questions on further images, beyond the about 2,000 of the first 10,000 questions
+(``data.synth.generate(extra_test=)``: the training set is that of the 10,000 exactly). Testing
+costs seconds per cell and every test question narrows the minimum detectable effect of every
+comparison (README: what the quick study measured)."""
 SYNTH_VERSION = "v5"
 """Bumped when the generator's output changes (v2: an isoluminant palette, grey backgrounds,
 1-4 larger shapes, yes/no questions, subsets.csv; v3: the test file's question ids follow the
@@ -30,17 +35,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("VQADAPT_CACHE", ".vqadapt_cache")).resolve()
 
 
-def ensure_synthetic(n: int = SYNTH_QUESTIONS, seed: int = SYNTH_SEED, log=print) -> Path:
+def ensure_synthetic(
+    n: int = SYNTH_QUESTIONS,
+    seed: int = SYNTH_SEED,
+    log=print,
+    extra_test: int = SYNTH_EXTRA_TEST,
+) -> Path:
     """The synthetic data folder (``train.csv``, ``test.csv``, ``images/``), generated once."""
     from vqadapt.data.synth import generate
 
-    folder = cache_root() / "data" / f"shapes-{SYNTH_VERSION}-n{n}-seed{seed}"
+    extra = f"-t{extra_test}" if extra_test else ""
+    folder = cache_root() / "data" / f"shapes-{SYNTH_VERSION}-n{n}{extra}-seed{seed}"
     if (folder / "test.csv").is_file():
         return folder
     tmp = folder.with_name(f"{folder.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"generating the synthetic shapes set ({n} questions, seed {seed}) into {folder}")
-    summary = generate(tmp, n=n, seed=seed)
+    more = f" and {extra_test} more for testing" if extra_test else ""
+    log(f"generating the synthetic shapes set ({n} questions{more}, seed {seed}) into {folder}")
+    summary = generate(tmp, n=n, seed=seed, extra_test=extra_test)
     if folder.exists():
         shutil.rmtree(tmp)
     else:
