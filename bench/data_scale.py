@@ -2,9 +2,10 @@
 
     python bench/data_scale.py [--sizes 2000 10000 50000] [--out bench/results/data_scale.json]
 
-For each size, ``vqadapt data synth --n N`` (cached under ``bench/results/data-scale/``), then
-one child process trains the frozen baseline for one epoch on it from an empty feature cache
-(the embedded tiny backbones; evaluation on up to ``--eval`` questions) and reports:
+For each size, ``vqadapt data synth --n N --extra_test 0`` (cached under
+``bench/results/data-scale/``), then one child process trains the frozen baseline for one epoch
+on it from an empty feature cache (the embedded tiny backbones; evaluation on up to ``--eval``
+questions) and reports:
 
 - peak RSS of that process (``ru_maxrss``: cache build, training and evaluation), and of its
   largest child (a decoding worker, when there is one);
@@ -49,8 +50,9 @@ DATASETS = {
 def synth(n: int) -> Path:
     folder = (RESULTS / "data-scale" / f"shapes-n{n}").resolve()
     if not (folder / "test.csv").is_file():
+        argv = ["data", "synth", "--out", str(folder), "--n", str(n), "--extra_test", "0"]
         subprocess.run(
-            [sys.executable, "-m", "vqadapt", "data", "synth", "--out", str(folder), "--n", str(n)],
+            [sys.executable, "-m", "vqadapt", *argv],
             check=True,
             stdout=subprocess.DEVNULL,
         )

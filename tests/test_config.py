@@ -452,6 +452,7 @@ NUMERIC_FLAGS = [
     ("export --run r --out o --tolerance", ["-1e-4", "nan", "inf", "2"]),
     ("data synth --out o --n", ["0", "1", "-5"]),
     ("data synth --out o --seed", ["-1", str(2**32), "x"]),
+    ("data synth --out o --extra_test", ["-1", "1e9", "x"]),
     ("backbones tiny --text_steps", ["-1", "1e9"]),
     ("backbones tiny --vision_steps", ["-1"]),
     ("backbones tiny --text_encoder_layers", ["0", "-3"]),

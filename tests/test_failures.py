@@ -95,6 +95,7 @@ FLOAT_FLAGS |= {("demo", "max_file_mb")}
 VALUES = {"zero": "0", "negative": "-1", "nan": "nan", "huge": None}  # huge: per type
 ACCEPTED = {  # the values in range; every other (flag, value) is refused
     ("data synth", "seed", "zero"),
+    ("data synth", "extra_test", "zero"),
     ("backbones tiny", "text_steps", "zero"),
     ("backbones tiny", "vision_steps", "zero"),
     ("demo", "examples", "zero"),
