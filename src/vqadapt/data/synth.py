@@ -598,9 +598,8 @@ def generate(
         base_images = len(per_image)
     image_ids = list(range(base_images))
     random.Random(seed + 1).shuffle(image_ids)
-    n_test_images = min(max(1, round(test_fraction * len(image_ids))), len(image_ids) - 1)
-    test_ids = set(image_ids[:n_test_images]) | set(range(base_images, len(per_image)))
-    n_test_images = len(test_ids)
+    drawn_for_test = min(max(1, round(test_fraction * len(image_ids))), len(image_ids) - 1)
+    test_ids = set(image_ids[:drawn_for_test]) | set(range(base_images, len(per_image)))
     train_rows = [row for i, rows in enumerate(per_image) if i not in test_ids for row in rows]
     test_rows = [row for i, rows in enumerate(per_image) if i in test_ids for row in rows]
     _write_atomic(out_dir / "train.csv", _csv_bytes(train_rows))
@@ -615,8 +614,8 @@ def generate(
         "test": len(test_rows),
         "extra_test": extra_test,
         "images": len(per_image),
-        "train_images": len(per_image) - n_test_images,
-        "test_images": n_test_images,
+        "train_images": len(per_image) - len(test_ids),
+        "test_images": len(test_ids),
         "per_type": dict(Counter(type_names[q.type_code] for q, _ in all_rows)),
         "per_kind": {kind: kind_counts[kind] for kind in KINDS},
         "test_subsets": {s: sum(q.subset == s for q, _ in test_rows) for s in SUBSETS},
